@@ -1,0 +1,64 @@
+/**
+ * The command line: find the command, parse its options, run it, and turn
+ * every error into a message on stderr and an exit status.
+ */
+import { type Command, Context, EXIT, helpText, parseCommandLine, UsageError } from "./command.ts";
+import { attach, detach, status } from "./devices.ts";
+import { daemon } from "./daemon_cmd.ts";
+import { makeHelp, overview, version } from "./info.ts";
+import { DaemonError, DaemonUnavailableError } from "../daemon/client.ts";
+import { ErrnoError } from "../../ffi/errno.ts";
+
+const help = makeHelp(() => COMMANDS);
+const COMMANDS: Command[] = [version, attach, detach, status, daemon, help];
+
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "--help" || name === "-h") {
+    console.log(overview(COMMANDS));
+    return name === undefined ? EXIT.USAGE : EXIT.OK;
+  }
+  const json = rest.includes("--json");
+  const cmd = COMMANDS.find((c) => c.name === name);
+  if (!cmd) {
+    return fail(
+      json,
+      EXIT.USAGE,
+      "EINVAL",
+      `Unknown command "${name}". Run "blksnap help" for the list.`,
+    );
+  }
+  let ctx: Context | undefined;
+  try {
+    const { values, positionals } = parseCommandLine(cmd, rest);
+    if (values.help) {
+      console.log(helpText(cmd));
+      return EXIT.OK;
+    }
+    ctx = new Context(values);
+    return await cmd.run(ctx, values, positionals);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      return fail(
+        json,
+        EXIT.USAGE,
+        "EINVAL",
+        `${err.message}\nRun "blksnap ${cmd.name} --help" for usage.`,
+      );
+    }
+    if (err instanceof DaemonError) return fail(json, EXIT.FAILED, err.code, err.message);
+    if (err instanceof DaemonUnavailableError) {
+      return fail(json, EXIT.NO_DAEMON, "ESRCH", err.message);
+    }
+    if (err instanceof ErrnoError) return fail(json, EXIT.FAILED, err.code, err.message);
+    throw err;
+  } finally {
+    ctx?.close();
+  }
+}
+
+function fail(json: boolean, status: number, code: string, message: string): number {
+  if (json) console.log(JSON.stringify({ error: { code, message } }));
+  console.error(`blksnap: ${message}`);
+  return status;
+}

@@ -1,0 +1,128 @@
+/**
+ * Looking at block devices by path: existence, kind, device number, geometry.
+ */
+import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BLK, type Libc, O } from "../../ffi/libc.ts";
+import { RequestError } from "./protocol.ts";
+
+export interface DeviceNumber {
+  major: number;
+  minor: number;
+}
+
+export interface BlockDeviceId extends DeviceNumber {
+  /** The path as given. */
+  path: string;
+  /** "MAJ:MIN" */
+  key: string;
+}
+
+export interface Geometry {
+  sizeBytes: number;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+  discardMaxBytes: number;
+  discardGranularity: number;
+  rotational: boolean;
+}
+
+/** Linux dev_t -> major/minor (the glibc encoding). */
+export function splitDevT(rdev: number): DeviceNumber {
+  const hi = Math.floor(rdev / 4_294_967_296);
+  const lo = rdev >>> 0;
+  return {
+    major: ((lo >>> 8) & 0xfff) | ((hi & 0xfffff000) >>> 0),
+    minor: (lo & 0xff) | ((lo >>> 12) & 0xfffff00),
+  };
+}
+
+export function deviceKey(n: DeviceNumber): string {
+  return `${n.major}:${n.minor}`;
+}
+
+/** Stats `path` and requires a block device; errors name the path and the reason. */
+export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) {
+      throw new RequestError("ENOENT", `Cannot ${verb} "${path}": no such file or directory`);
+    }
+    if (err instanceof Deno.errors.PermissionDenied) {
+      throw new RequestError("EACCES", `Cannot ${verb} "${path}": permission denied`);
+    }
+    throw new RequestError("EINVAL", `Cannot ${verb} "${path}": ${(err as Error).message}`);
+  }
+  if (!info.isBlockDevice) {
+    const kind = info.isFile
+      ? "a regular file"
+      : info.isDirectory
+      ? "a directory"
+      : "a special file";
+    throw new RequestError(
+      "ENOTBLK",
+      `Cannot ${verb} "${path}": it is ${kind}, not a block device`,
+    );
+  }
+  const n = splitDevT(info.rdev ?? 0);
+  return { path, ...n, key: deviceKey(n) };
+}
+
+function readSysfsNumber(n: DeviceNumber, attr: string): number {
+  try {
+    return Number(Deno.readTextFileSync(`/sys/dev/block/${n.major}:${n.minor}/${attr}`).trim());
+  } catch {
+    return 0;
+  }
+}
+
+/** Size and block sizes through ioctls on an open fd; discard limits from sysfs. */
+export function readGeometry(libc: Libc, fd: number, n: DeviceNumber): Geometry {
+  const size = libc.ioctlGetU64(fd, BLK.BLKGETSIZE64, "ioctl(BLKGETSIZE64)");
+  return {
+    sizeBytes: Number(size),
+    logicalBlockSize: libc.ioctlGetU32(fd, BLK.BLKSSZGET, "ioctl(BLKSSZGET)"),
+    physicalBlockSize: libc.ioctlGetU32(fd, BLK.BLKPBSZGET, "ioctl(BLKPBSZGET)"),
+    discardMaxBytes: readSysfsNumber(n, "queue/discard_max_bytes"),
+    discardGranularity: readSysfsNumber(n, "queue/discard_granularity"),
+    rotational: readSysfsNumber(n, "queue/rotational") === 1,
+  };
+}
+
+/**
+ * Opens a block device read-write, exclusively (O_EXCL: the kernel refuses
+ * while it is mounted or claimed) and with O_DIRECT. EBUSY becomes a message
+ * an administrator can act on.
+ */
+export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): number {
+  try {
+    return libc.open(id.path, O.RDWR | O.EXCL | O.DIRECT | O.CLOEXEC);
+  } catch (err) {
+    if (err instanceof ErrnoError && err.code === "EBUSY") {
+      throw new RequestError(
+        "EBUSY",
+        `Cannot ${verb} "${id.path}": the device is in use (mounted, or held open exclusively${
+          holdersOf(id)
+        })`,
+      );
+    }
+    if (err instanceof ErrnoError) {
+      const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
+      throw new RequestError(code, `Cannot ${verb} "${id.path}": ${err.message}`);
+    }
+    throw err;
+  }
+}
+
+/** ", e.g. by dm-0" from sysfs holders, or "" when none are listed. */
+function holdersOf(n: DeviceNumber): string {
+  try {
+    const names = [...Deno.readDirSync(`/sys/dev/block/${n.major}:${n.minor}/holders`)].map((e) =>
+      e.name
+    );
+    return names.length > 0 ? ` by ${names.join(", ")}` : "";
+  } catch {
+    return "";
+  }
+}

@@ -1,0 +1,154 @@
+/**
+ * The CLI's side of the control socket: one connection, numbered requests,
+ * and starting the daemon when a command needs it and none is running.
+ */
+import { PROTOCOL_VERSION, type Reply, type Request } from "./protocol.ts";
+
+/** The daemon answered with an error. */
+export class DaemonError extends Error {
+  readonly code: string;
+  readonly errno: number;
+  constructor(code: string, errno: number, message: string) {
+    super(message);
+    this.name = "DaemonError";
+    this.code = code;
+    this.errno = errno;
+  }
+}
+
+/** No daemon could be reached (or started). */
+export class DaemonUnavailableError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "DaemonUnavailableError";
+  }
+}
+
+export class Client {
+  readonly #conn: Deno.UnixConn;
+  #nextId = 1;
+  #buffered = "";
+  readonly #decoder = new TextDecoder();
+
+  private constructor(conn: Deno.UnixConn) {
+    this.#conn = conn;
+  }
+
+  static async connect(path: string): Promise<Client> {
+    try {
+      return new Client(await Deno.connect({ transport: "unix", path }));
+    } catch (err) {
+      if (err instanceof Deno.errors.PermissionDenied) {
+        throw new DaemonUnavailableError(
+          `Cannot connect to "${path}": permission denied (run as root)`,
+        );
+      }
+      throw new DaemonUnavailableError(`No blksnap daemon answers on "${path}"`);
+    }
+  }
+
+  async request<R extends Request>(op: R["op"], args: R["args"]): Promise<unknown> {
+    const id = this.#nextId++;
+    const line = JSON.stringify({ v: PROTOCOL_VERSION, id, op, args }) + "\n";
+    const data = new TextEncoder().encode(line);
+    let off = 0;
+    while (off < data.length) off += await this.#conn.write(data.subarray(off));
+    const reply = JSON.parse(await this.#readLine()) as Reply;
+    if (reply.id !== id) throw new Error(`Protocol error: reply ${reply.id} to request ${id}`);
+    if (!reply.ok) throw new DaemonError(reply.error.code, reply.error.errno, reply.error.message);
+    return reply.result;
+  }
+
+  async #readLine(): Promise<string> {
+    const buf = new Uint8Array(64 * 1024);
+    for (;;) {
+      const nl = this.#buffered.indexOf("\n");
+      if (nl >= 0) {
+        const line = this.#buffered.slice(0, nl);
+        this.#buffered = this.#buffered.slice(nl + 1);
+        return line;
+      }
+      const n = await this.#conn.read(buf);
+      if (n === null) throw new DaemonUnavailableError("The daemon closed the connection");
+      this.#buffered += this.#decoder.decode(buf.subarray(0, n), { stream: true });
+    }
+  }
+
+  close(): void {
+    try {
+      this.#conn.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+export interface StartOptions {
+  socketPath: string;
+  /** Extra `blksnap daemon` options (e.g. parameters from BLKSNAP_DAEMON_ARGS). */
+  daemonArgs: string[];
+  timeoutMs?: number;
+}
+
+/** The command that runs this program again with `args` (deno run, or the compiled binary). */
+export function selfCommand(args: string[]): { cmd: string; args: string[] } {
+  const exec = Deno.execPath();
+  const isDeno = /(^|\/)deno$/.test(exec);
+  if (isDeno) {
+    return { cmd: exec, args: ["run", "--allow-all", "--quiet", Deno.mainModule, ...args] };
+  }
+  return { cmd: exec, args };
+}
+
+/** Starts `blksnap daemon` in the background and waits until it answers. */
+export async function startDaemon(opts: StartOptions): Promise<number> {
+  const dir = opts.socketPath.slice(0, opts.socketPath.lastIndexOf("/")) || "/";
+  const logFile = `${dir}/daemon.log`;
+  Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  const self = selfCommand([
+    "daemon",
+    "--socket",
+    opts.socketPath,
+    "--log-file",
+    logFile,
+    ...opts.daemonArgs,
+  ]);
+  const child = new Deno.Command(self.cmd, {
+    args: self.args,
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  child.unref();
+  let exited: Deno.CommandStatus | undefined;
+  child.status.then((s) => (exited = s));
+  const deadline = performance.now() + (opts.timeoutMs ?? 120_000);
+  while (performance.now() < deadline) {
+    try {
+      const c = await Deno.connect({ transport: "unix", path: opts.socketPath });
+      c.close();
+      return child.pid;
+    } catch {
+      // not yet
+    }
+    if (exited) {
+      throw new DaemonUnavailableError(
+        `The daemon exited with status ${exited.code} while starting; see ${logFile}:\n${
+          tail(logFile)
+        }`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new DaemonUnavailableError(
+    `The daemon did not answer on "${opts.socketPath}" in time; see ${logFile}`,
+  );
+}
+
+function tail(path: string): string {
+  try {
+    return Deno.readTextFileSync(path).trimEnd().split("\n").slice(-10).join("\n");
+  } catch {
+    return "(no log)";
+  }
+}

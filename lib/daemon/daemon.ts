@@ -1,0 +1,295 @@
+/**
+ * The daemon's state and request handlers: the ublk control plane and the
+ * tracked devices. Every state change happens here, on the main thread; the
+ * socket server (server.ts) only parses and forwards.
+ */
+import type { Libc } from "../../ffi/libc.ts";
+import type { LiburingSymbols } from "../../ffi/liburing.ts";
+import { describeFeatures, UblkControl } from "../ublk/control.ts";
+import { UblkDevice } from "../ublk/device.ts";
+import { VERSION } from "../version.ts";
+import type { Parameters } from "../params.ts";
+import {
+  type BlockDeviceId,
+  deviceKey,
+  type Geometry,
+  identifyBlockDevice,
+  openExclusive,
+  readGeometry,
+  splitDevT,
+} from "./block_device.ts";
+import { PROTOCOL_VERSION, RequestError } from "./protocol.ts";
+
+export interface DaemonOptions {
+  params: Parameters;
+  queues: number;
+  queueDepth: number;
+  maxIoBufBytes: number;
+  socketPath: string;
+}
+
+export const DEFAULT_DAEMON_OPTIONS: Omit<DaemonOptions, "socketPath" | "params"> = {
+  queues: 2,
+  queueDepth: 128,
+  maxIoBufBytes: 512 * 1024,
+};
+
+export interface TrackedInfo {
+  original: string;
+  originalDevice: string;
+  tracked: string;
+  trackedDevice: string;
+  ublkId: number;
+  sizeBytes: number;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+  queues: number;
+  queueDepth: number;
+  userRecovery: boolean;
+  attachedAt: string;
+}
+
+interface Tracked {
+  info: TrackedInfo;
+  device: UblkDevice;
+  originalFd: number;
+  detaching: boolean;
+}
+
+export class Daemon {
+  readonly options: DaemonOptions;
+  readonly #libc: Libc;
+  readonly #ctrl: UblkControl;
+  /** By original MAJ:MIN. */
+  readonly #tracked = new Map<string, Tracked>();
+  /** Original MAJ:MIN being attached right now. */
+  readonly #attaching = new Set<string>();
+  readonly startedAt = new Date();
+  #shuttingDown = false;
+
+  private constructor(libc: Libc, ctrl: UblkControl, options: DaemonOptions) {
+    this.#libc = libc;
+    this.#ctrl = ctrl;
+    this.options = options;
+  }
+
+  static async start(libc: Libc, uring: LiburingSymbols, options: DaemonOptions): Promise<Daemon> {
+    const ctrl = await UblkControl.open(libc, uring);
+    return new Daemon(libc, ctrl, options);
+  }
+
+  version() {
+    return {
+      version: VERSION,
+      protocol: PROTOCOL_VERSION,
+      pid: Deno.pid,
+      ublkFeatures: describeFeatures(this.#ctrl.features),
+      ioctlEncoding: this.#ctrl.usesIoctlEncoding,
+    };
+  }
+
+  status() {
+    return {
+      ...this.version(),
+      startedAt: this.startedAt.toISOString(),
+      socket: this.options.socketPath,
+      params: this.options.params,
+      devices: [...this.#tracked.values()].map((t) => ({ ...t.info, queueStats: t.device.stats() })),
+    };
+  }
+
+  /** Finds a tracked device by the original's or the tracked device's path or MAJ:MIN. */
+  #find(id: BlockDeviceId): Tracked | undefined {
+    const byOriginal = this.#tracked.get(id.key);
+    if (byOriginal) return byOriginal;
+    for (const t of this.#tracked.values()) {
+      if (t.info.trackedDevice === id.key) return t;
+    }
+    return undefined;
+  }
+
+  async attach(path: string): Promise<TrackedInfo> {
+    this.#refuseWhenStopping();
+    const id = identifyBlockDevice(path, "attach");
+    const existing = this.#find(id);
+    if (existing) {
+      const as = existing.info.trackedDevice === id.key
+        ? "is itself the tracked device of"
+        : "is already tracked as";
+      const other = existing.info.trackedDevice === id.key
+        ? existing.info.original
+        : existing.info.tracked;
+      throw new RequestError("EALREADY", `Cannot attach "${path}": it ${as} "${other}"`);
+    }
+    if (this.#attaching.has(id.key)) {
+      throw new RequestError("EALREADY", `Cannot attach "${path}": an attach of it is in progress`);
+    }
+    this.#attaching.add(id.key);
+    let fd = -1;
+    try {
+      fd = openExclusive(this.#libc, id, "attach");
+      const geo = readGeometry(this.#libc, fd, id);
+      validateGeometry(path, geo);
+      const device = await UblkDevice.create(this.#ctrl, this.#libc, {
+        queues: this.options.queues,
+        depth: this.options.queueDepth,
+        maxIoBufBytes: this.options.maxIoBufBytes,
+        params: deviceParams(geo, this.options.maxIoBufBytes),
+        target: { kind: "passthrough", originalFd: fd },
+        recovery: true,
+        onFatal: (message) => this.#onQueueFatal(id.key, message),
+      });
+      const trackedRdev = Deno.statSync(device.blockPath).rdev ?? 0;
+      const info: TrackedInfo = {
+        original: path,
+        originalDevice: id.key,
+        tracked: device.blockPath,
+        trackedDevice: deviceKey(splitDevT(trackedRdev)),
+        ublkId: device.devId,
+        sizeBytes: geo.sizeBytes,
+        logicalBlockSize: geo.logicalBlockSize,
+        physicalBlockSize: geo.physicalBlockSize,
+        queues: device.queues,
+        queueDepth: device.depth,
+        userRecovery: device.recovery,
+        attachedAt: new Date().toISOString(),
+      };
+      this.#tracked.set(id.key, { info, device, originalFd: fd, detaching: false });
+      fd = -1;
+      log(`attached ${path} (${id.key}) as ${info.tracked}`);
+      return info;
+    } finally {
+      this.#attaching.delete(id.key);
+      if (fd >= 0) this.#libc.close(fd);
+    }
+  }
+
+  async detach(path: string): Promise<TrackedInfo> {
+    this.#refuseWhenStopping();
+    const id = identifyBlockDevice(path, "detach");
+    const t = this.#find(id);
+    if (!t) throw new RequestError("ENOENT", `Cannot detach "${path}": it is not tracked`);
+    if (t.detaching) {
+      throw new RequestError("EALREADY", `Cannot detach "${path}": a detach is in progress`);
+    }
+    // Hold the tracked device exclusively while it goes away: refuses when it is
+    // mounted, and keeps anyone from mounting it during the teardown.
+    const guard = openExclusive(
+      this.#libc,
+      { path: t.info.tracked, key: t.info.trackedDevice, ...splitKey(t.info.trackedDevice) },
+      "detach",
+    );
+    t.detaching = true;
+    let guardOpen = true;
+    const closeGuard = () => {
+      if (guardOpen) this.#libc.close(guard);
+      guardOpen = false;
+    };
+    try {
+      await this.#remove(t, closeGuard);
+    } finally {
+      closeGuard();
+    }
+    log(`detached ${t.info.original} (was ${t.info.tracked})`);
+    return t.info;
+  }
+
+  async #remove(t: Tracked, afterStop?: () => void): Promise<void> {
+    this.#tracked.delete(t.info.originalDevice);
+    try {
+      await t.device.destroy(afterStop);
+    } finally {
+      this.#libc.close(t.originalFd);
+    }
+  }
+
+  #onQueueFatal(key: string, message: string): void {
+    log(`FATAL: ${message}`);
+    const t = this.#tracked.get(key);
+    if (!t || t.detaching) return;
+    t.detaching = true;
+    log(`stopping ${t.info.tracked}: a queue of it failed; I/O to it now fails`);
+    this.#remove(t).catch((err) => log(`removing ${t.info.tracked} failed: ${err}`));
+  }
+
+  #refuseWhenStopping(): void {
+    if (this.#shuttingDown) throw new RequestError("ESRCH", "The daemon is shutting down");
+  }
+
+  /**
+   * Deletes every device this daemon made. Filesystems still mounted on a
+   * tracked device are synced first; they see the device go away.
+   */
+  async shutdown(): Promise<void> {
+    if (this.#shuttingDown) return;
+    this.#shuttingDown = true;
+    const all = [...this.#tracked.values()];
+    if (all.length > 0) {
+      this.#libc.sym.sync();
+      for (const t of all) {
+        t.detaching = true;
+        try {
+          await this.#remove(t);
+          log(`removed ${t.info.tracked} (tracking ${t.info.original})`);
+        } catch (err) {
+          log(`removing ${t.info.tracked} failed: ${err}`);
+        }
+      }
+    }
+    this.#ctrl.close();
+  }
+}
+
+function splitKey(key: string): { major: number; minor: number } {
+  const [major, minor] = key.split(":").map(Number);
+  return { major: major!, minor: minor! };
+}
+
+function validateGeometry(path: string, geo: Geometry): void {
+  if (geo.sizeBytes === 0) {
+    throw new RequestError("EINVAL", `Cannot attach "${path}": the device is empty (0 bytes)`);
+  }
+  if (geo.logicalBlockSize < 512 || geo.logicalBlockSize > 4096) {
+    throw new RequestError(
+      "EINVAL",
+      `Cannot attach "${path}": logical block size ${geo.logicalBlockSize} is outside 512..4096, which ublk supports`,
+    );
+  }
+  if (geo.sizeBytes % geo.logicalBlockSize !== 0) {
+    throw new RequestError(
+      "EINVAL",
+      `Cannot attach "${path}": size is not a multiple of its block size`,
+    );
+  }
+}
+
+function deviceParams(geo: Geometry, maxIoBufBytes: number) {
+  const logicalBsShift = Math.log2(geo.logicalBlockSize);
+  const physicalBsShift = Math.max(
+    logicalBsShift,
+    Math.min(Math.log2(geo.physicalBlockSize || 512), 12),
+  );
+  const maxDiscard = Math.min(Math.floor(geo.discardMaxBytes / 512), 2_097_152);
+  return {
+    devSectors: geo.sizeBytes / 512,
+    logicalBsShift,
+    physicalBsShift,
+    ioMinShift: physicalBsShift,
+    ioOptShift: physicalBsShift,
+    maxSectors: maxIoBufBytes / 512,
+    writeCache: true,
+    ...(maxDiscard > 0
+      ? {
+        discard: {
+          granularityBytes: Math.max(geo.discardGranularity, geo.logicalBlockSize),
+          maxDiscardSectors: maxDiscard,
+          maxWriteZeroesSectors: maxDiscard,
+        },
+      }
+      : {}),
+  };
+}
+
+export function log(message: string): void {
+  console.error(`blksnap-daemon: ${message}`);
+}

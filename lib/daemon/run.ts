@@ -1,0 +1,110 @@
+/**
+ * `blksnap daemon`: set up the process, open the ublk control plane, serve the
+ * socket, and delete every device on SIGTERM/SIGINT.
+ */
+import { cString, type Libc, openLibc } from "../../ffi/libc.ts";
+import { openLiburing } from "../../ffi/liburing.ts";
+import { Daemon, type DaemonOptions, log } from "./daemon.ts";
+import { ControlServer } from "./server.ts";
+
+export interface RunDaemonOptions extends DaemonOptions {
+  logFile?: string;
+  /** Re-exec in a private mount namespace (default true). */
+  privateMounts: boolean;
+}
+
+export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
+  if (opts.logFile) redirectLogs(opts.logFile);
+  const libc = openLibc();
+  if (opts.privateMounts) enterPrivateMountNamespace(libc);
+  const uring = openLiburing();
+  const daemon = await Daemon.start(libc, uring.symbols, opts);
+  let server: ControlServer;
+  try {
+    server = await ControlServer.listen(daemon, opts.socketPath);
+  } catch (err) {
+    await daemon.shutdown();
+    throw err;
+  }
+  log(`pid ${Deno.pid} listening on ${opts.socketPath}`);
+
+  let stopping: Promise<void> | undefined;
+  const stop = (why: string) => {
+    stopping ??= (async () => {
+      log(`${why}: removing every device and exiting`);
+      server.close();
+      await daemon.shutdown();
+    })();
+    return stopping;
+  };
+  for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
+    Deno.addSignalListener(sig, () => void stop(sig));
+  }
+  server.shutdownRequested.then(() => stop("shutdown requested"));
+  await server.serve();
+  await stop("socket closed");
+  log("exited cleanly");
+  return 0;
+}
+
+/**
+ * The daemon must not share a mount namespace with the users of its devices:
+ * a mount of its own device in a namespace that dies with it deadlocks its
+ * exit (research/ublk.md §5). unshare(CLONE_NEWNS) fails in a threaded
+ * process, so re-exec through unshare(1), which keeps the pid.
+ */
+function enterPrivateMountNamespace(libc: Libc): void {
+  if (Deno.env.get("BLKSNAP_DAEMON_NS") === "1") return;
+  let self: string;
+  let init: string;
+  try {
+    self = Deno.readLinkSync("/proc/self/ns/mnt");
+    init = Deno.readLinkSync("/proc/1/ns/mnt");
+  } catch {
+    return; // no procfs access: stay
+  }
+  if (self !== init) return; // already private (systemd PrivateMounts=, unshare)
+  const unshare = ["/usr/bin/unshare", "/bin/unshare"].find((p) => {
+    try {
+      return Deno.statSync(p).isFile;
+    } catch {
+      return false;
+    }
+  });
+  if (!unshare) {
+    log("warning: unshare(1) not found; running in the shared mount namespace");
+    return;
+  }
+  const argv = Deno.readTextFileSync("/proc/self/cmdline").split("\0").filter((_, i, a) =>
+    i < a.length - 1
+  );
+  Deno.env.set("BLKSNAP_DAEMON_NS", "1");
+  const args = [
+    unshare,
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    Deno.execPath(),
+    ...argv.slice(1),
+  ];
+  const strings = args.map(cString);
+  const ptrs = new BigUint64Array(strings.length + 1);
+  strings.forEach((s, i) => (ptrs[i] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(s)))));
+  libc.sym.execv(strings[0]!, new Uint8Array(ptrs.buffer));
+  log(
+    `warning: execv(${unshare}) failed (errno ${libc.errno()}); running in the shared mount namespace`,
+  );
+}
+
+function redirectLogs(path: string): void {
+  const file = Deno.openSync(path, { append: true, create: true, mode: 0o600 });
+  const enc = new TextEncoder();
+  const write = (...parts: unknown[]) => {
+    const line = `${new Date().toISOString()} ${parts.map(String).join(" ")}\n`;
+    file.writeSync(enc.encode(line));
+  };
+  console.error = write;
+  console.log = write;
+  console.warn = write;
+}

@@ -1,0 +1,194 @@
+/**
+ * The control socket: a Unix stream socket (mode 0600) that carries the
+ * line protocol of protocol.ts. A bad request gets an error reply and the
+ * connection stays usable; nothing a client sends can crash the daemon.
+ */
+import { type Daemon, log } from "./daemon.ts";
+import {
+  type Envelope,
+  MAX_LINE_BYTES,
+  parseRequest,
+  PROTOCOL_VERSION,
+  type Reply,
+  RequestError,
+  salvageId,
+} from "./protocol.ts";
+import { ErrnoError } from "../../ffi/errno.ts";
+
+export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
+
+export class ControlServer {
+  readonly #daemon: Daemon;
+  readonly #listener: Deno.UnixListener;
+  readonly #path: string;
+  readonly #conns = new Set<Deno.UnixConn>();
+  #closed = false;
+  /** Resolves when a client asked the daemon to shut down. */
+  readonly shutdownRequested: Promise<void>;
+  #requestShutdown!: () => void;
+
+  private constructor(daemon: Daemon, listener: Deno.UnixListener, path: string) {
+    this.#daemon = daemon;
+    this.#listener = listener;
+    this.#path = path;
+    this.shutdownRequested = new Promise((r) => (this.#requestShutdown = r));
+  }
+
+  /** Binds the socket; refuses when another daemon answers on it. */
+  static async listen(daemon: Daemon, path: string): Promise<ControlServer> {
+    const dir = path.slice(0, path.lastIndexOf("/")) || "/";
+    Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
+    if (await isAlive(path)) {
+      throw new ErrnoError(`bind("${path}")`, 98, "another blksnap daemon is running");
+    }
+    try {
+      Deno.removeSync(path);
+    } catch {
+      // no stale socket
+    }
+    const listener = Deno.listen({ transport: "unix", path });
+    Deno.chmodSync(path, 0o600);
+    return new ControlServer(daemon, listener, path);
+  }
+
+  async serve(): Promise<void> {
+    try {
+      for await (const conn of this.#listener) {
+        this.#conns.add(conn);
+        this.#serveConn(conn).finally(() => this.#conns.delete(conn));
+      }
+    } catch (err) {
+      if (!this.#closed) throw err;
+    }
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#listener.close();
+    for (const c of this.#conns) {
+      try {
+        c.close();
+      } catch {
+        // already closed
+      }
+    }
+    try {
+      Deno.removeSync(this.#path);
+    } catch {
+      // gone
+    }
+  }
+
+  async #serveConn(conn: Deno.UnixConn): Promise<void> {
+    const decoder = new TextDecoder();
+    const encoder = new TextEncoder();
+    let pending = "";
+    const buf = new Uint8Array(16 * 1024);
+    try {
+      for (;;) {
+        const n = await conn.read(buf);
+        if (n === null) return;
+        pending += decoder.decode(buf.subarray(0, n), { stream: true });
+        let nl: number;
+        while ((nl = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          if (line.trim() === "") continue;
+          const reply = await this.#handleLine(line);
+          await writeAll(conn, encoder.encode(JSON.stringify(reply) + "\n"));
+        }
+        if (pending.length > MAX_LINE_BYTES) {
+          const reply = errorReply(
+            0,
+            new RequestError("E2BIG", `Request longer than ${MAX_LINE_BYTES} bytes`),
+          );
+          await writeAll(conn, encoder.encode(JSON.stringify(reply) + "\n"));
+          return;
+        }
+      }
+    } catch (err) {
+      if (
+        !(err instanceof Deno.errors.BrokenPipe || err instanceof Deno.errors.ConnectionReset ||
+          this.#closed)
+      ) {
+        log(`connection error: ${err}`);
+      }
+    } finally {
+      try {
+        conn.close();
+      } catch {
+        // closed by close()
+      }
+    }
+  }
+
+  async #handleLine(line: string): Promise<Reply> {
+    let req: Envelope;
+    try {
+      req = parseRequest(line);
+    } catch (err) {
+      return errorReply(salvageId(line), err);
+    }
+    try {
+      const result = await this.#dispatch(req);
+      return { v: PROTOCOL_VERSION, id: req.id, ok: true, result };
+    } catch (err) {
+      return errorReply(req.id, err);
+    }
+  }
+
+  #dispatch(req: Envelope): Promise<unknown> | unknown {
+    const d = this.#daemon;
+    const args = req.args as Record<string, string>;
+    switch (req.op) {
+      case "ping":
+        return { pong: true };
+      case "version":
+        return d.version();
+      case "status":
+        return d.status();
+      case "attach":
+        return d.attach(args.device!);
+      case "detach":
+        return d.detach(args.device!);
+      case "shutdown":
+        queueMicrotask(() => this.#requestShutdown());
+        return { stopping: true };
+    }
+  }
+}
+
+function errorReply(id: number, err: unknown): Reply {
+  if (err instanceof RequestError) {
+    return { v: PROTOCOL_VERSION, id, ok: false, error: err.toBody() };
+  }
+  if (err instanceof ErrnoError) {
+    return {
+      v: PROTOCOL_VERSION,
+      id,
+      ok: false,
+      error: { code: err.code, errno: err.errno, message: err.message },
+    };
+  }
+  // A bug, not an operating error: say so loudly, keep serving.
+  log(`internal error: ${err instanceof Error ? err.stack : String(err)}`);
+  const message = `Internal error: ${err instanceof Error ? err.message : String(err)}`;
+  return { v: PROTOCOL_VERSION, id, ok: false, error: { code: "EIO", errno: 5, message } };
+}
+
+async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < data.length) off += await conn.write(data.subarray(off));
+}
+
+/** True when something accepts connections on `path`. */
+export async function isAlive(path: string): Promise<boolean> {
+  try {
+    const c = await Deno.connect({ transport: "unix", path });
+    c.close();
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,319 @@
+/**
+ * The change block tracking (CBT) map of one device (the module's `cbt_map`).
+ *
+ * One byte per tracking block holds the number of the snapshot since whose
+ * take the block changed. Writes to the tracked device set the *write map*
+ * to `snapNumberActive`; taking a snapshot copies the write map to the *read
+ * map* (the frozen copy that `readcbtmap` returns, still readable after the
+ * snapshot is destroyed) and advances the numbers. After 255 the numbering
+ * starts again at 1 with zeroed maps and a new generation UUID.
+ *
+ * ## Shared layout
+ *
+ * Everything lives in one SharedArrayBuffer so that pipeline workers can map
+ * it with {@linkcode CbtMap.fromShared}. Words are little-endian Int32,
+ * accessed with Atomics:
+ *
+ * | byte | size | field                                              |
+ * |-----:|-----:|----------------------------------------------------|
+ * |    0 |    4 | snapNumberActive (1..255)                          |
+ * |    4 |    4 | snapNumberPrevious (0..255)                        |
+ * |    8 |    4 | corrupted (0 or 1)                                 |
+ * |   12 |    4 | blockSizeShift (bytes, power of 2)                 |
+ * |   16 |    4 | blockCount                                         |
+ * |   20 |    4 | switchSequence (+1 at every take)                  |
+ * |   24 |    8 | capacitySectors (Float64)                          |
+ * |   32 |   16 | generation UUID (raw bytes)                        |
+ * |   48 |   16 | reserved                                           |
+ * |   64 |    n | write map, n = blockCount                          |
+ * | 64+m |    n | read map, m = n rounded up to 64                   |
+ *
+ * A take happens while the device's writes are quiesced (see `tracker.ts`),
+ * so marks never race the copy; a worker marking the write map must do so
+ * only while the tracker admits writes. A reset (device resized) makes a new
+ * buffer: workers re-map when `shared` changes, which only happens at a take.
+ *
+ * @module
+ */
+
+import { SECTOR_SHIFT } from "./block_device.ts";
+import { assert, BlksnapError } from "./errors.ts";
+import type { Params } from "./params.ts";
+
+const HEADER_BYTES = 64;
+const W_ACTIVE = 0;
+const W_PREVIOUS = 1;
+const W_CORRUPTED = 2;
+const W_SHIFT = 3;
+const W_COUNT = 4;
+const W_SEQUENCE = 5;
+const CAPACITY_OFFSET = 24;
+const UUID_OFFSET = 32;
+
+/** What `cbtinfo` reports (`struct blksnap_cbtinfo`). */
+export interface CbtInfo {
+  readonly deviceCapacityBytes: number;
+  readonly blockSizeBytes: number;
+  readonly blockCount: number;
+  readonly generationId: string;
+  /** `snapNumberPrevious`: the number of the last take. */
+  readonly changesNumber: number;
+}
+
+/** The tracking block size the module would choose for a device. */
+export interface CbtGeometry {
+  readonly blockSizeShift: number;
+  readonly blockCount: number;
+}
+
+/**
+ * Chooses the tracking block size as `cbt_map_calculate_block_size` does:
+ * start at the minimum shift and grow until the count is at most
+ * `trackingBlockMaximumCount`, never past `trackingBlockMaximumShift`.
+ */
+export function cbtGeometry(capacitySectors: number, params: Params): CbtGeometry {
+  assert(Number.isSafeInteger(capacitySectors) && capacitySectors >= 0, "Bad capacity");
+  let shift = params.trackingBlockMinimumShift;
+  let count = countByShift(capacitySectors, shift);
+  while (count > params.trackingBlockMaximumCount) {
+    if (shift >= params.trackingBlockMaximumShift) break;
+    shift++;
+    count = countByShift(capacitySectors, shift);
+  }
+  return { blockSizeShift: shift, blockCount: count };
+}
+
+function countByShift(capacitySectors: number, shift: number): number {
+  const blockSectors = 2 ** (shift - SECTOR_SHIFT);
+  return Math.ceil(capacitySectors / blockSectors);
+}
+
+function align64(n: number): number {
+  return Math.ceil(n / 64) * 64;
+}
+
+/** Parses a UUID string into 16 bytes. */
+export function uuidToBytes(uuid: string, out: Uint8Array = new Uint8Array(16)): Uint8Array {
+  const hex = uuid.replaceAll("-", "");
+  assert(/^[0-9a-fA-F]{32}$/.test(hex), `Bad UUID "${uuid}"`);
+  for (let i = 0; i < 16; i++) out[i] = parseInt(hex.slice(i * 2, i * 2 + 2), 16);
+  return out;
+}
+
+/** Formats 16 bytes as a UUID string. */
+export function uuidFromBytes(bytes: Uint8Array): string {
+  assert(bytes.length === 16, "A UUID is 16 bytes");
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${
+    hex.slice(20)
+  }`;
+}
+
+/** The CBT map of one device. */
+export class CbtMap {
+  #shared!: SharedArrayBuffer;
+  #words!: Int32Array;
+  #capacity!: Float64Array;
+  #uuid!: Uint8Array;
+  #writeMap!: Uint8Array;
+  #readMap!: Uint8Array;
+
+  private constructor(shared: SharedArrayBuffer) {
+    this.#map(shared);
+  }
+
+  /** Makes the map of a device of `capacitySectors`, numbers 1 (active) and 0 (previous). */
+  static create(capacitySectors: number, params: Params): CbtMap {
+    return new CbtMap(CbtMap.#allocate(capacitySectors, params));
+  }
+
+  /** Maps a buffer made by another instance (for example in a worker). */
+  static fromShared(shared: SharedArrayBuffer): CbtMap {
+    assert(shared.byteLength >= HEADER_BYTES, "CBT buffer too small");
+    return new CbtMap(shared);
+  }
+
+  static #allocate(capacitySectors: number, params: Params): SharedArrayBuffer {
+    const { blockSizeShift, blockCount } = cbtGeometry(capacitySectors, params);
+    const shared = new SharedArrayBuffer(HEADER_BYTES + align64(blockCount) * 2);
+    const words = new Int32Array(shared, 0, HEADER_BYTES / 4);
+    words[W_ACTIVE] = 1;
+    words[W_PREVIOUS] = 0;
+    words[W_CORRUPTED] = 0;
+    words[W_SHIFT] = blockSizeShift;
+    words[W_COUNT] = blockCount;
+    words[W_SEQUENCE] = 0;
+    new Float64Array(shared, CAPACITY_OFFSET, 1)[0] = capacitySectors;
+    uuidToBytes(crypto.randomUUID(), new Uint8Array(shared, UUID_OFFSET, 16));
+    return shared;
+  }
+
+  #map(shared: SharedArrayBuffer): void {
+    this.#shared = shared;
+    this.#words = new Int32Array(shared, 0, HEADER_BYTES / 4);
+    this.#capacity = new Float64Array(shared, CAPACITY_OFFSET, 1);
+    this.#uuid = new Uint8Array(shared, UUID_OFFSET, 16);
+    const count = this.#words[W_COUNT]!;
+    assert(shared.byteLength === HEADER_BYTES + align64(count) * 2, "CBT buffer size mismatch");
+    this.#writeMap = new Uint8Array(shared, HEADER_BYTES, count);
+    this.#readMap = new Uint8Array(shared, HEADER_BYTES + align64(count), count);
+  }
+
+  /** The buffer to hand to workers; replaced only by {@linkcode reset}. */
+  get shared(): SharedArrayBuffer {
+    return this.#shared;
+  }
+  get snapNumberActive(): number {
+    return Atomics.load(this.#words, W_ACTIVE);
+  }
+  get snapNumberPrevious(): number {
+    return Atomics.load(this.#words, W_PREVIOUS);
+  }
+  get isCorrupted(): boolean {
+    return Atomics.load(this.#words, W_CORRUPTED) !== 0;
+  }
+  get blockSizeShift(): number {
+    return this.#words[W_SHIFT]!;
+  }
+  get blockSizeBytes(): number {
+    return 2 ** this.blockSizeShift;
+  }
+  get blockCount(): number {
+    return this.#words[W_COUNT]!;
+  }
+  get capacitySectors(): number {
+    return this.#capacity[0]!;
+  }
+  get generationId(): string {
+    return uuidFromBytes(this.#uuid.slice());
+  }
+  /** Number of takes so far, for workers to notice a switch. */
+  get switchSequence(): number {
+    return Atomics.load(this.#words, W_SEQUENCE);
+  }
+  /** Bytes of memory held by the map. */
+  get byteLength(): number {
+    return this.#shared.byteLength;
+  }
+
+  /** A live view of the write map (tests and workers). */
+  get writeMap(): Uint8Array {
+    return this.#writeMap;
+  }
+  /** A live view of the read map (tests and workers). */
+  get readMap(): Uint8Array {
+    return this.#readMap;
+  }
+
+  /** Marks the flag that the map is no longer reliable; the next take resets it. */
+  setCorrupted(): void {
+    Atomics.store(this.#words, W_CORRUPTED, 1);
+  }
+
+  /**
+   * `cbt_map_set`: a write to the device changed `[sector, sector + count)`.
+   * A corrupted map is no longer maintained.
+   */
+  mark(sector: number, count: number): void {
+    if (this.isCorrupted || count === 0) return;
+    this.#checkRange(sector, count);
+    this.#set(this.#writeMap, sector, count, this.snapNumberActive);
+  }
+
+  /**
+   * `cbt_map_set_both`: marks both maps, for writes to a snapshot image and
+   * for `markdirtyblock`, so that the next backup rereads these blocks.
+   */
+  markBoth(sector: number, count: number): void {
+    if (this.isCorrupted) throw new BlksnapError("EINVAL", "The CBT map is corrupted");
+    if (count === 0) return;
+    this.#checkRange(sector, count);
+    this.#set(this.#writeMap, sector, count, this.snapNumberActive);
+    this.#set(this.#readMap, sector, count, this.snapNumberPrevious);
+  }
+
+  /**
+   * `cbt_map_switch`, at a take: the read map becomes a copy of the write
+   * map, previous takes the active number and active advances. Past 255 the
+   * active number starts again at 1, both maps are zeroed and a new
+   * generation UUID is made; previous becomes 0, so that blocks changed
+   * after this take (marked 1) are all "greater than" the reported number.
+   */
+  switch(): void {
+    const active = this.snapNumberActive;
+    assert(active >= 1 && active <= 255, `Bad active snapshot number ${active}`);
+    if (active === 255) {
+      this.#writeMap.fill(0);
+      this.#readMap.fill(0);
+      uuidToBytes(crypto.randomUUID(), this.#uuid);
+      Atomics.store(this.#words, W_PREVIOUS, 0);
+      Atomics.store(this.#words, W_ACTIVE, 1);
+    } else {
+      this.#readMap.set(this.#writeMap);
+      Atomics.store(this.#words, W_PREVIOUS, active);
+      Atomics.store(this.#words, W_ACTIVE, active + 1);
+    }
+    Atomics.add(this.#words, W_SEQUENCE, 1);
+  }
+
+  /**
+   * `cbt_map_reset`: the device was resized or the map is corrupted; a new
+   * map for `capacitySectors`, numbers restarted and a new generation.
+   */
+  reset(capacitySectors: number, params: Params): void {
+    const sequence = this.switchSequence;
+    this.#map(CbtMap.#allocate(capacitySectors, params));
+    Atomics.store(this.#words, W_SEQUENCE, sequence);
+  }
+
+  /**
+   * `BLKFILTER_CTL_BLKSNAP_CBTMAP`: copies `length` bytes of the read map
+   * from byte `offset`. EFAULT when the map is corrupted, ENODATA past its end.
+   */
+  read(offset: number, length: number): Uint8Array {
+    if (this.isCorrupted) throw new BlksnapError("EFAULT", "The CBT map is corrupted");
+    if (
+      !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 ||
+      length < 0 || offset > this.blockCount || length > this.blockCount - offset
+    ) {
+      throw new BlksnapError(
+        "ENODATA",
+        `Cannot read ${length} bytes at ${offset} of a CBT map of ${this.blockCount} blocks`,
+      );
+    }
+    return this.#readMap.slice(offset, offset + length);
+  }
+
+  /** `BLKFILTER_CTL_BLKSNAP_CBTINFO`. */
+  info(): CbtInfo {
+    return {
+      deviceCapacityBytes: this.capacitySectors * 2 ** SECTOR_SHIFT,
+      blockSizeBytes: this.blockSizeBytes,
+      blockCount: this.blockCount,
+      generationId: this.generationId,
+      changesNumber: this.snapNumberPrevious,
+    };
+  }
+
+  #checkRange(sector: number, count: number): void {
+    if (
+      !Number.isSafeInteger(sector) || !Number.isSafeInteger(count) || sector < 0 || count < 0 ||
+      sector + count > this.capacitySectors
+    ) {
+      throw new BlksnapError(
+        "EINVAL",
+        `Sector range ${sector}+${count} is outside the device of ${this.capacitySectors} sectors`,
+      );
+    }
+  }
+
+  #set(map: Uint8Array, sector: number, count: number, number: number): void {
+    const shift = this.blockSizeShift - SECTOR_SHIFT;
+    const first = Math.floor(sector / 2 ** shift);
+    const last = Math.floor((sector + count - 1) / 2 ** shift);
+    assert(last < map.length, `CBT block ${last} past the map of ${map.length}`);
+    for (let i = first; i <= last; i++) {
+      if (map[i]! < number) map[i] = number;
+    }
+  }
+}

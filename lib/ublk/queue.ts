@@ -1,0 +1,267 @@
+/**
+ * One ublk hardware queue, served by the worker thread that calls `run()`.
+ *
+ * Every command of a queue must come from the thread that fetched its tags, so
+ * the queue owns its io_uring and does everything synchronously on its thread:
+ * FETCH every tag, then loop { submit and wait; for each completion: decode
+ * the request and hand it to the target, or commit the target's result with
+ * COMMIT_AND_FETCH }. Nothing on that path allocates.
+ *
+ * Tag life: FETCHED (a ublk command is outstanding) -> SERVING (the target has
+ * it) -> FETCHED via COMMIT_AND_FETCH ... until STOP_DEV completes the
+ * outstanding command with -ENODEV: ENDED. The loop returns when every tag
+ * has ended and no target I/O is in flight.
+ */
+import type { Libc } from "../../ffi/libc.ts";
+import { PR_SET_IO_FLUSHER, PROT } from "../../ffi/libc.ts";
+import type { LiburingSymbols } from "../../ffi/liburing.ts";
+import { IORING_OP, IORING_SETUP, SQE } from "../../ffi/uring_abi.ts";
+import {
+  IO_CMD,
+  IO_DESC,
+  UBLK_DESC_QUEUE_STRIDE,
+  UBLK_IO,
+  UBLK_IO_OP,
+  UBLK_IO_RES_ABORT,
+} from "../../ffi/ublk_abi.ts";
+import { addressOf, Ring } from "../uring/ring.ts";
+import { packUserData, UD_KIND, udKind, udSub, udTag } from "../uring/user_data.ts";
+import { assert } from "../assert.ts";
+import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "./target.ts";
+
+export interface QueueOptions {
+  devId: number;
+  qId: number;
+  depth: number;
+  maxIoBufBytes: number;
+  /** fd of /dev/ublkcN, opened by the daemon (fds are process-wide). */
+  charFd: number;
+  useIoctl: boolean;
+  /** Per-queue counters shared with the daemon (QUEUE_STATS layout). */
+  stats: SharedArrayBuffer;
+}
+
+/**
+ * Counters each queue publishes in its device's stats SharedArrayBuffer:
+ * Float64 slots [qId * STRIDE + field]; the queue is the only writer of its slots.
+ */
+export const QUEUE_STATS = {
+  STRIDE: 8,
+  REQUESTS: 0,
+  READS: 1,
+  WRITES: 2,
+  FLUSHES: 3,
+  DISCARDS: 4,
+  ERRORS: 5,
+  BYTES_READ: 6,
+  BYTES_WRITTEN: 7,
+} as const;
+
+const TAG_FETCHED = 1;
+const TAG_SERVING = 2;
+const TAG_ENDED = 3;
+
+const PAGE = 4096;
+
+export class UblkQueue implements QueueContext {
+  readonly ring: Ring;
+  readonly qId: number;
+  readonly depth: number;
+  readonly maxIoBufBytes: number;
+
+  readonly #libc: Libc;
+  readonly #opts: QueueOptions;
+  readonly #target: UblkTarget;
+  readonly #desc: Uint32Array;
+  readonly #descPtr: Deno.PointerObject;
+  readonly #descBytes: number;
+  readonly #bufPtr: Deno.PointerObject;
+  readonly #bufBase: number;
+  readonly #bufBytes: number;
+  readonly #bufAb: ArrayBuffer;
+  readonly #tagState: Uint8Array;
+  readonly #stats: Float64Array;
+  readonly #req: IoRequest = {
+    tag: 0,
+    op: 0,
+    flags: 0,
+    startSector: 0,
+    nrSectors: 0,
+    bufAddress: 0,
+  };
+  readonly #fetchOp: number;
+  readonly #commitOp: number;
+  #ended = 0;
+  #targetInflight = 0;
+  readonly #onCqe = (userData: number, res: number): void => this.#handleCqe(userData, res);
+
+  constructor(libc: Libc, uring: LiburingSymbols, opts: QueueOptions, target: UblkTarget) {
+    this.#libc = libc;
+    this.#opts = opts;
+    this.#target = target;
+    this.qId = opts.qId;
+    this.depth = opts.depth;
+    this.maxIoBufBytes = opts.maxIoBufBytes;
+    assert(opts.maxIoBufBytes % PAGE === 0, "max_io_buf_bytes must be page-aligned");
+
+    // Keep memory reclaim from recursing into this device (research/ublk.md §5).
+    libc.check(libc.sym.prctl(PR_SET_IO_FLUSHER, 1n, 0n, 0n, 0n), "prctl(PR_SET_IO_FLUSHER)");
+
+    this.#descBytes = Math.ceil((opts.depth * IO_DESC.size) / PAGE) * PAGE;
+    this.#descPtr = libc.mmapShared(
+      opts.charFd,
+      this.#descBytes,
+      opts.qId * UBLK_DESC_QUEUE_STRIDE,
+      PROT.READ,
+    );
+    this.#desc = new Uint32Array(
+      Deno.UnsafePointerView.getArrayBuffer(this.#descPtr, this.#descBytes),
+    );
+
+    this.#bufBytes = opts.depth * opts.maxIoBufBytes;
+    this.#bufPtr = libc.mmapAnonymous(this.#bufBytes);
+    this.#bufBase = addressOf(this.#bufPtr);
+    this.#bufAb = Deno.UnsafePointerView.getArrayBuffer(this.#bufPtr, this.#bufBytes);
+    this.#tagState = new Uint8Array(opts.depth);
+    this.#stats = new Float64Array(opts.stats, opts.qId * QUEUE_STATS.STRIDE * 8, QUEUE_STATS.STRIDE);
+
+    // One ublk command and at most a few target SQEs per tag at any time.
+    const entries = 1 << Math.ceil(Math.log2(opts.depth * 4));
+    this.ring = new Ring(uring, libc, {
+      entries,
+      cqEntries: entries * 2,
+      flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER,
+    });
+    this.#fetchOp = (opts.useIoctl ? UBLK_IO.FETCH_REQ.ioctl : UBLK_IO.FETCH_REQ.legacy) >>> 0;
+    this.#commitOp =
+      (opts.useIoctl ? UBLK_IO.COMMIT_AND_FETCH_REQ.ioctl : UBLK_IO.COMMIT_AND_FETCH_REQ.legacy) >>>
+      0;
+  }
+
+  buffer(tag: number): Uint8Array {
+    return new Uint8Array(this.#bufAb, tag * this.maxIoBufBytes, this.maxIoBufBytes);
+  }
+
+  bufferAddress(tag: number): number {
+    return this.#bufBase + tag * this.maxIoBufBytes;
+  }
+
+  /** Queues FETCH_REQ for every tag and submits them. The device may start after this. */
+  fetchAll(): void {
+    for (let tag = 0; tag < this.depth; tag++) {
+      this.#queueUblkCmd(this.#fetchOp, tag, 0);
+      this.#tagState[tag] = TAG_FETCHED;
+    }
+    this.ring.submit();
+  }
+
+  /** Serves I/O until the device stops. */
+  run(): void {
+    while (this.#ended < this.depth || this.#targetInflight > 0) {
+      this.ring.submitAndWait(1);
+      this.ring.drain(this.#onCqe);
+    }
+  }
+
+  close(): void {
+    this.#target.close?.();
+    this.ring.close();
+    this.#libc.munmap(this.#descPtr, this.#descBytes);
+    this.#libc.munmap(this.#bufPtr, this.#bufBytes);
+  }
+
+  #handleCqe(userData: number, res: number): void {
+    const kind = udKind(userData);
+    const tag = udTag(userData);
+    if (kind === UD_KIND.UBLK_CMD) {
+      assert(
+        tag < this.depth && this.#tagState[tag] === TAG_FETCHED,
+        `ublk CQE for tag ${tag} not fetched`,
+      );
+      if (res < 0) {
+        // -ENODEV after STOP_DEV; anything else also ends the tag (the kernel refused it).
+        if (res !== UBLK_IO_RES_ABORT) {
+          console.error(`blksnap: ublk queue ${this.qId} tag ${tag}: command failed with ${res}`);
+        }
+        this.#tagState[tag] = TAG_ENDED;
+        this.#ended++;
+        return;
+      }
+      this.#tagState[tag] = TAG_SERVING;
+      this.#decode(tag);
+      this.#count();
+      this.#finish(tag, this.#target.start(this, this.#req));
+    } else if (kind === UD_KIND.TARGET_IO) {
+      assert(this.#tagState[tag] === TAG_SERVING, `target completion for idle tag ${tag}`);
+      this.#targetInflight--;
+      this.#finish(tag, this.#target.onCompletion(this, tag, udSub(userData), res));
+    } else {
+      assert(false, `unexpected completion kind ${kind} on queue ${this.qId}`);
+    }
+  }
+
+  /** Target I/O accounting: targets call this for every TARGET_IO SQE they queue. */
+  targetSubmitted(count = 1): void {
+    this.#targetInflight += count;
+  }
+
+  get served(): number {
+    return this.#stats[QUEUE_STATS.REQUESTS]!;
+  }
+
+  #count(): void {
+    const st = this.#stats;
+    const req = this.#req;
+    st[QUEUE_STATS.REQUESTS]!++;
+    switch (req.op) {
+      case UBLK_IO_OP.READ:
+        st[QUEUE_STATS.READS]!++;
+        st[QUEUE_STATS.BYTES_READ]! += req.nrSectors * 512;
+        break;
+      case UBLK_IO_OP.WRITE:
+        st[QUEUE_STATS.WRITES]!++;
+        st[QUEUE_STATS.BYTES_WRITTEN]! += req.nrSectors * 512;
+        break;
+      case UBLK_IO_OP.FLUSH:
+        st[QUEUE_STATS.FLUSHES]!++;
+        break;
+      case UBLK_IO_OP.DISCARD:
+      case UBLK_IO_OP.WRITE_ZEROES:
+        st[QUEUE_STATS.DISCARDS]!++;
+        break;
+    }
+  }
+
+  #finish(tag: number, result: number): void {
+    if (result === PENDING) return;
+    if (result < 0) this.#stats[QUEUE_STATS.ERRORS]!++;
+    this.#queueUblkCmd(this.#commitOp, tag, result);
+    this.#tagState[tag] = TAG_FETCHED;
+  }
+
+  #decode(tag: number): void {
+    const d = this.#desc;
+    const i = (tag * IO_DESC.size) >> 2;
+    const opFlags = d[i]!;
+    const req = this.#req;
+    req.tag = tag;
+    req.op = opFlags & 0xff;
+    req.flags = opFlags & ~0xff;
+    req.nrSectors = d[i + 1]!;
+    req.startSector = d[i + 2]! + d[i + 3]! * 4_294_967_296;
+    req.bufAddress = this.#bufBase + tag * this.maxIoBufBytes;
+  }
+
+  #queueUblkCmd(cmdOp: number, tag: number, result: number): void {
+    const ring = this.ring;
+    const off = ring.sqe();
+    ring.sqeU8[off + SQE.opcode] = IORING_OP.URING_CMD;
+    ring.sqeI32[(off + SQE.fd) >> 2] = this.#opts.charFd;
+    ring.sqeU32[(off + SQE.cmdOp) >> 2] = cmdOp;
+    ring.sqeU32[(off + SQE.userData) >> 2] = packUserData(UD_KIND.UBLK_CMD, tag);
+    const cmd = off + SQE.cmd;
+    ring.sqeU32[(cmd + IO_CMD.qId) >> 2] = (this.qId & 0xffff) | (tag << 16);
+    ring.sqeI32[(cmd + IO_CMD.result) >> 2] = result;
+    ring.setU64(cmd + IO_CMD.addr, this.#bufBase + tag * this.maxIoBufBytes);
+  }
+}

@@ -1,0 +1,63 @@
+/**
+ * The worker-side half of a queue: message protocol between the daemon and a
+ * queue worker, and the worker's life cycle.
+ */
+import { openLibc } from "../../ffi/libc.ts";
+import { openLiburing } from "../../ffi/liburing.ts";
+import { UblkQueue } from "./queue.ts";
+import { PassthroughTarget } from "./targets/passthrough.ts";
+import type { UblkTarget } from "./target.ts";
+
+export type TargetSpec = { kind: "passthrough"; originalFd: number };
+
+export interface QueueWorkerInit {
+  type: "init";
+  devId: number;
+  qId: number;
+  depth: number;
+  maxIoBufBytes: number;
+  charFd: number;
+  useIoctl: boolean;
+  stats: SharedArrayBuffer;
+  target: TargetSpec;
+}
+
+export type QueueWorkerReport =
+  | { type: "ready"; qId: number; tid: number }
+  | { type: "exited"; qId: number; served: number }
+  | { type: "fatal"; qId: number; message: string };
+
+function makeTarget(spec: TargetSpec, depth: number): UblkTarget {
+  switch (spec.kind) {
+    case "passthrough":
+      return new PassthroughTarget(spec.originalFd, depth);
+  }
+}
+
+/** Installs the message handler of a queue worker (`self` inside the worker). */
+export function runQueueWorker(self: Worker): void {
+  self.onmessage = (ev: MessageEvent<QueueWorkerInit>) => {
+    const init = ev.data;
+    self.onmessage = null;
+    const post = (r: QueueWorkerReport) => self.postMessage(r);
+    let queue: UblkQueue | undefined;
+    try {
+      const libc = openLibc();
+      const uring = openLiburing();
+      queue = new UblkQueue(libc, uring.symbols, init, makeTarget(init.target, init.depth));
+      queue.fetchAll();
+      post({ type: "ready", qId: init.qId, tid: libc.sym.gettid() });
+      queue.run();
+      const served = queue.served;
+      queue.close();
+      post({ type: "exited", qId: init.qId, served });
+    } catch (err) {
+      // Stay alive: the daemon stops the device, which ends the queue's commands.
+      post({
+        type: "fatal",
+        qId: init.qId,
+        message: err instanceof Error ? (err.stack ?? err.message) : String(err),
+      });
+    }
+  };
+}

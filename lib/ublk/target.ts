@@ -1,0 +1,46 @@
+/**
+ * What a ublk I/O means: the interface between a queue loop (lib/ublk/queue.ts)
+ * and a target (tracked device, snapshot image).
+ *
+ * Every hook runs on the queue's own worker thread, inside its I/O loop; none
+ * may block. A hook either returns the result to commit for the tag now, or
+ * PENDING after queueing SQEs on the queue's ring (user_data kind TARGET_IO,
+ * carrying the tag), whose completions come back through `onCompletion`.
+ */
+import type { Ring } from "../uring/ring.ts";
+
+/** Returned by a hook that has I/O in flight for the tag. */
+export const PENDING = 0x7fff_ffff;
+
+/** The request in a tag, decoded once from the mapped descriptor (reused object). */
+export interface IoRequest {
+  tag: number;
+  /** UBLK_IO_OP_* */
+  op: number;
+  /** UBLK_IO_F_* */
+  flags: number;
+  startSector: number;
+  nrSectors: number;
+  /** C address of the tag's buffer. */
+  bufAddress: number;
+}
+
+export interface QueueContext {
+  readonly ring: Ring;
+  readonly qId: number;
+  readonly depth: number;
+  readonly maxIoBufBytes: number;
+  /** The tag's buffer viewed from JavaScript (for targets that touch data). */
+  buffer(tag: number): Uint8Array;
+  /** Targets call this for every TARGET_IO SQE they queue, so the loop knows what is in flight. */
+  targetSubmitted(count?: number): void;
+}
+
+export interface UblkTarget {
+  /** Required. Begins serving `req`; returns the result (bytes or -errno) or PENDING. */
+  start(q: QueueContext, req: IoRequest): number;
+  /** Required. A TARGET_IO completion for `tag`; returns the result or PENDING. */
+  onCompletion(q: QueueContext, tag: number, sub: number, res: number): number;
+  /** Optional. Called once when the queue loop ends. */
+  close?(): void;
+}
