@@ -94,7 +94,10 @@ export class Daemon {
       startedAt: this.startedAt.toISOString(),
       socket: this.options.socketPath,
       params: this.options.params,
-      devices: [...this.#tracked.values()].map((t) => ({ ...t.info, queueStats: t.device.stats() })),
+      devices: [...this.#tracked.values()].map((t) => ({
+        ...t.info,
+        queueStats: t.device.stats(),
+      })),
     };
   }
 

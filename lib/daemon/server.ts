@@ -4,6 +4,9 @@
  * connection stays usable; nothing a client sends can crash the daemon.
  */
 import { type Daemon, log } from "./daemon.ts";
+
+/** What the server needs of the daemon (a fake in the unit tests). */
+export type DaemonApi = Pick<Daemon, "version" | "status" | "attach" | "detach">;
 import {
   type Envelope,
   MAX_LINE_BYTES,
@@ -18,7 +21,7 @@ import { ErrnoError } from "../../ffi/errno.ts";
 export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
 
 export class ControlServer {
-  readonly #daemon: Daemon;
+  readonly #daemon: DaemonApi;
   readonly #listener: Deno.UnixListener;
   readonly #path: string;
   readonly #conns = new Set<Deno.UnixConn>();
@@ -27,7 +30,7 @@ export class ControlServer {
   readonly shutdownRequested: Promise<void>;
   #requestShutdown!: () => void;
 
-  private constructor(daemon: Daemon, listener: Deno.UnixListener, path: string) {
+  private constructor(daemon: DaemonApi, listener: Deno.UnixListener, path: string) {
     this.#daemon = daemon;
     this.#listener = listener;
     this.#path = path;
@@ -35,7 +38,7 @@ export class ControlServer {
   }
 
   /** Binds the socket; refuses when another daemon answers on it. */
-  static async listen(daemon: Daemon, path: string): Promise<ControlServer> {
+  static async listen(daemon: DaemonApi, path: string): Promise<ControlServer> {
     const dir = path.slice(0, path.lastIndexOf("/")) || "/";
     Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
     if (await isAlive(path)) {

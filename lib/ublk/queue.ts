@@ -123,7 +123,11 @@ export class UblkQueue implements QueueContext {
     this.#bufBase = addressOf(this.#bufPtr);
     this.#bufAb = Deno.UnsafePointerView.getArrayBuffer(this.#bufPtr, this.#bufBytes);
     this.#tagState = new Uint8Array(opts.depth);
-    this.#stats = new Float64Array(opts.stats, opts.qId * QUEUE_STATS.STRIDE * 8, QUEUE_STATS.STRIDE);
+    this.#stats = new Float64Array(
+      opts.stats,
+      opts.qId * QUEUE_STATS.STRIDE * 8,
+      QUEUE_STATS.STRIDE,
+    );
 
     // One ublk command and at most a few target SQEs per tag at any time.
     const entries = 1 << Math.ceil(Math.log2(opts.depth * 4));

@@ -16,8 +16,18 @@ export interface Result {
 }
 
 /** Runs a program; returns its status and output (never throws on non-zero). */
-export async function run(cmd: string, args: string[], env: Record<string, string> = {}): Promise<Result> {
-  const out = await new Deno.Command(cmd, { args, env, stdin: "null", stdout: "piped", stderr: "piped" })
+export async function run(
+  cmd: string,
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<Result> {
+  const out = await new Deno.Command(cmd, {
+    args,
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  })
     .output();
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
@@ -40,14 +50,18 @@ export class Cli {
   }
 
   run(...args: string[]): Promise<Result> {
-    return run(Deno.execPath(), ["run", "-A", "--quiet", MAIN, ...args], { BLKSNAP_SOCKET: this.socket });
+    return run(Deno.execPath(), ["run", "-A", "--quiet", MAIN, ...args], {
+      BLKSNAP_SOCKET: this.socket,
+    });
   }
 
   /** Runs and requires success; returns trimmed stdout. */
   async ok(...args: string[]): Promise<string> {
     const r = await this.run(...args);
     if (r.code !== 0) {
-      throw new Error(`blksnap ${args.join(" ")} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
+      throw new Error(
+        `blksnap ${args.join(" ")} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`,
+      );
     }
     return r.stdout.trim();
   }
@@ -127,7 +141,8 @@ export function pseudoRandomBytes(seed: number, length: number): Uint8Array {
 
 /** Block device nodes of ublk that exist right now. */
 export function ublkNodes(): string[] {
-  return [...Deno.readDirSync("/dev")].map((e) => e.name).filter((n) => /^ublk[bc]\d+$/.test(n)).sort();
+  return [...Deno.readDirSync("/dev")].map((e) => e.name).filter((n) => /^ublk[bc]\d+$/.test(n))
+    .sort();
 }
 
 export function assertNoUblkDevices(): void {

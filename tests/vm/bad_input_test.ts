@@ -2,7 +2,11 @@
  * Bad input gets a clear message, a non-zero exit, and no change of state;
  * the daemon keeps serving. Runs inside the VM.
  */
-import { deepStrictEqual as assertEquals, match as assertMatch, ok as assert } from "node:assert/strict";
+import {
+  deepStrictEqual as assertEquals,
+  match as assertMatch,
+  ok as assert,
+} from "node:assert/strict";
 import { assertNoUblkDevices, Cli, Loop, sh, ublkNodes, vmTest } from "./_helpers.ts";
 
 vmTest("bad input: clear errors, non-zero exits, daemon still serving", async () => {
@@ -14,18 +18,38 @@ vmTest("bad input: clear errors, non-zero exits, daemon still serving", async ()
     const before = ublkNodes();
 
     const cases: Array<{ args: string[]; code: number; message: RegExp }> = [
-      { args: ["attach", "--device", "/dev/nonexistent"], code: 1, message: /no such file or directory/ },
-      { args: ["attach", "--device", loop.file], code: 1, message: /regular file, not a block device/ },
+      {
+        args: ["attach", "--device", "/dev/nonexistent"],
+        code: 1,
+        message: /no such file or directory/,
+      },
+      {
+        args: ["attach", "--device", loop.file],
+        code: 1,
+        message: /regular file, not a block device/,
+      },
       { args: ["attach", "--device", "/tmp"], code: 1, message: /directory, not a block device/ },
-      { args: ["attach", "--device", loop.path], code: 1, message: /already tracked as "\/dev\/ublkb\d+"/ },
-      { args: ["attach", "--device", tracked], code: 1, message: /is itself the tracked device of/ },
+      {
+        args: ["attach", "--device", loop.path],
+        code: 1,
+        message: /already tracked as "\/dev\/ublkb\d+"/,
+      },
+      {
+        args: ["attach", "--device", tracked],
+        code: 1,
+        message: /is itself the tracked device of/,
+      },
       { args: ["detach", "--device", other.path], code: 1, message: /is not tracked/ },
       { args: ["detach", "--device", "/dev/nonexistent"], code: 1, message: /no such file/ },
       { args: ["attach"], code: 2, message: /--device is required/ },
       { args: ["attach", "--device"], code: 2, message: /argument missing|requires|expects/i },
       { args: ["attach", "--frobnicate"], code: 2, message: /Unknown option '--frobnicate'/ },
       { args: ["frobnicate"], code: 2, message: /Unknown command "frobnicate"/ },
-      { args: ["attach", "-d", loop.path, "extra"], code: 2, message: /unexpected argument "extra"/ },
+      {
+        args: ["attach", "-d", loop.path, "extra"],
+        code: 2,
+        message: /unexpected argument "extra"/,
+      },
     ];
     for (const c of cases) {
       const r = await cli.run(...c.args);

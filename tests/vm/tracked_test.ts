@@ -2,7 +2,11 @@
  * Tracked devices on a real kernel: ext4 through ublk, fio with verification,
  * several devices, attach/detach cycles. Runs inside the VM (tools/vm.sh test).
  */
-import { deepStrictEqual as assertEquals, match as assertMatch, ok as assert } from "node:assert/strict";
+import {
+  deepStrictEqual as assertEquals,
+  match as assertMatch,
+  ok as assert,
+} from "node:assert/strict";
 import {
   assertNoUblkDevices,
   Cli,
@@ -26,127 +30,139 @@ interface Status {
   }>;
 }
 
-vmTest("ext4 on a tracked device: files written through ublk read back from the original", async () => {
-  const cli = new Cli("ext4");
-  const loop = await Loop.create(256);
-  try {
-    const tracked = await cli.ok("attach", "--device", loop.path);
-    assertMatch(tracked, /^\/dev\/ublkb\d+$/);
-    const st = await cli.json<Status>("status");
-    assertEquals(st.devices.length, 1);
-    assertEquals(st.devices[0]!.sizeBytes, 256 * 1024 * 1024);
-    assertEquals(st.devices[0]!.queues, 2);
-    assertEquals(st.devices[0]!.queueDepth, 128);
-
-    await sh("mkfs.ext4", "-q", "-F", tracked);
-    await Deno.mkdir("/mnt/t", { recursive: true });
-    await sh("mount", tracked, "/mnt/t");
-    const sums = new Map<string, string>();
-    for (let i = 0; i < 24; i++) {
-      const size = [4096, 65536, 1 << 20, 3 * (1 << 20) + 517][i % 4]!;
-      const name = `/mnt/t/file${i}.bin`;
-      await Deno.writeFile(name, pseudoRandomBytes(1000 + i, size));
-      sums.set(`file${i}.bin`, await sha256(name));
-    }
-    await sh("sync");
-    await sh("umount", "/mnt/t");
-
-    const busy = await cli.run("detach", "--device", loop.path);
-    assertEquals(busy.code, 0, `detach failed: ${busy.stderr}`);
-    assertEquals(ublkNodes(), []);
-
-    await sh("e2fsck", "-f", "-n", loop.path);
-    await sh("mount", "-o", "ro", loop.path, "/mnt/t");
+vmTest(
+  "ext4 on a tracked device: files written through ublk read back from the original",
+  async () => {
+    const cli = new Cli("ext4");
+    const loop = await Loop.create(256);
     try {
-      for (const [name, sum] of sums) assertEquals(await sha256(`/mnt/t/${name}`), sum, name);
-    } finally {
-      await sh("umount", "/mnt/t");
-    }
-  } finally {
-    await cli.stopDaemon();
-    await loop.destroy();
-  }
-  assertNoUblkDevices();
-});
-
-vmTest("fio crc32c verify through the tracked device, both queues, then read back from the original", async () => {
-  const cli = new Cli("fio");
-  const loop = await Loop.create(192);
-  try {
-    const tracked = await cli.ok("attach", "--device", loop.path);
-    const common = [
-      "--ioengine=io_uring",
-      "--direct=1",
-      "--iodepth=32",
-      "--numjobs=2",
-      "--cpus_allowed_policy=split",
-      "--cpus_allowed=0-1",
-      "--verify=crc32c",
-      "--verify_fatal=1",
-      "--group_reporting",
-      "--offset_increment=96M",
-      "--size=96M",
-    ];
-    const jobs = [
-      ["--name=rand4k", "--rw=randwrite", "--bs=4k", "--number_ios=6000"],
-      ["--name=seq1m", "--rw=write", "--bs=1M"],
-    ];
-    for (const job of jobs) {
-      await sh("fio", `--filename=${tracked}`, ...common, ...job);
+      const tracked = await cli.ok("attach", "--device", loop.path);
+      assertMatch(tracked, /^\/dev\/ublkb\d+$/);
       const st = await cli.json<Status>("status");
-      const q = st.devices[0]!.queueStats;
-      assert(q.length === 2, "two queues");
-      assert(q[0]!.writes > 0 && q[1]!.writes > 0, `both queues must serve writes: ${JSON.stringify(q)}`);
-      // The same data, read back and verified through the original.
-      await cli.ok("detach", "--device", tracked);
-      await sh("fio", `--filename=${loop.path}`, ...common, ...job, "--verify_only");
-      if (job !== jobs.at(-1)) await cli.ok("attach", "--device", loop.path);
-    }
-  } finally {
-    await cli.stopDaemon();
-    await loop.destroy();
-  }
-  assertNoUblkDevices();
-});
+      assertEquals(st.devices.length, 1);
+      assertEquals(st.devices[0]!.sizeBytes, 256 * 1024 * 1024);
+      assertEquals(st.devices[0]!.queues, 2);
+      assertEquals(st.devices[0]!.queueDepth, 128);
 
-vmTest("two tracked devices at once, then ten attach/detach cycles leave nothing behind", async () => {
-  const cli = new Cli("multi");
-  const a = await Loop.create(64);
-  const b = await Loop.create(96);
-  try {
-    const ta = await cli.ok("attach", "-d", a.path);
-    const tb = await cli.ok("attach", "--device=" + b.path);
-    assert(ta !== tb);
-    const da = pseudoRandomBytes(7, 1 << 20);
-    const db = pseudoRandomBytes(8, 1 << 20);
-    await Deno.writeFile(ta, da);
-    await Deno.writeFile(tb, db);
-    await sh("sync");
-    const st = await cli.json<Status>("status");
-    assertEquals(st.devices.map((d) => d.sizeBytes).sort(), [64 << 20, 96 << 20]);
-    // detach by the tracked path and by /dev/block/MAJ:MIN of the original
-    const [major, minor] = (await sh("cat", `/sys/block/${b.path.slice(5)}/dev`)).split(":");
-    await cli.ok("detach", "--device", ta);
-    await cli.ok("detach", "--device", `/dev/block/${major}:${minor}`);
-    assertEquals(ublkNodes(), []);
-    const headA = (await Deno.readFile(a.path)).subarray(0, 1 << 20);
-    const headB = (await Deno.readFile(b.path)).subarray(0, 1 << 20);
-    assertEquals(await digest(headA), await digest(da));
-    assertEquals(await digest(headB), await digest(db));
+      await sh("mkfs.ext4", "-q", "-F", tracked);
+      await Deno.mkdir("/mnt/t", { recursive: true });
+      await sh("mount", tracked, "/mnt/t");
+      const sums = new Map<string, string>();
+      for (let i = 0; i < 24; i++) {
+        const size = [4096, 65536, 1 << 20, 3 * (1 << 20) + 517][i % 4]!;
+        const name = `/mnt/t/file${i}.bin`;
+        await Deno.writeFile(name, pseudoRandomBytes(1000 + i, size));
+        sums.set(`file${i}.bin`, await sha256(name));
+      }
+      await sh("sync");
+      await sh("umount", "/mnt/t");
 
-    for (let i = 0; i < 10; i++) {
-      const t = await cli.ok("attach", "--device", a.path);
-      assertMatch(t, /^\/dev\/ublkb\d+$/);
-      await cli.ok("detach", "--device", a.path);
-      assertEquals(ublkNodes(), [], `cycle ${i}`);
+      const busy = await cli.run("detach", "--device", loop.path);
+      assertEquals(busy.code, 0, `detach failed: ${busy.stderr}`);
+      assertEquals(ublkNodes(), []);
+
+      await sh("e2fsck", "-f", "-n", loop.path);
+      await sh("mount", "-o", "ro", loop.path, "/mnt/t");
+      try {
+        for (const [name, sum] of sums) assertEquals(await sha256(`/mnt/t/${name}`), sum, name);
+      } finally {
+        await sh("umount", "/mnt/t");
+      }
+    } finally {
+      await cli.stopDaemon();
+      await loop.destroy();
     }
-  } finally {
-    await cli.stopDaemon();
-    await a.destroy();
-    await b.destroy();
-  }
-  assertNoUblkDevices();
-});
+    assertNoUblkDevices();
+  },
+);
+
+vmTest(
+  "fio crc32c verify through the tracked device, both queues, then read back from the original",
+  async () => {
+    const cli = new Cli("fio");
+    const loop = await Loop.create(192);
+    try {
+      const tracked = await cli.ok("attach", "--device", loop.path);
+      const common = [
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--iodepth=32",
+        "--numjobs=2",
+        "--cpus_allowed_policy=split",
+        "--cpus_allowed=0-1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--group_reporting",
+        "--offset_increment=96M",
+        "--size=96M",
+      ];
+      const jobs = [
+        ["--name=rand4k", "--rw=randwrite", "--bs=4k", "--number_ios=6000"],
+        ["--name=seq1m", "--rw=write", "--bs=1M"],
+      ];
+      for (const job of jobs) {
+        await sh("fio", `--filename=${tracked}`, ...common, ...job);
+        const st = await cli.json<Status>("status");
+        const q = st.devices[0]!.queueStats;
+        assert(q.length === 2, "two queues");
+        assert(
+          q[0]!.writes > 0 && q[1]!.writes > 0,
+          `both queues must serve writes: ${JSON.stringify(q)}`,
+        );
+        // The same data, read back and verified through the original.
+        await cli.ok("detach", "--device", tracked);
+        await sh("fio", `--filename=${loop.path}`, ...common, ...job, "--verify_only");
+        if (job !== jobs.at(-1)) await cli.ok("attach", "--device", loop.path);
+      }
+    } finally {
+      await cli.stopDaemon();
+      await loop.destroy();
+    }
+    assertNoUblkDevices();
+  },
+);
+
+vmTest(
+  "two tracked devices at once, then ten attach/detach cycles leave nothing behind",
+  async () => {
+    const cli = new Cli("multi");
+    const a = await Loop.create(64);
+    const b = await Loop.create(96);
+    try {
+      const ta = await cli.ok("attach", "-d", a.path);
+      const tb = await cli.ok("attach", "--device=" + b.path);
+      assert(ta !== tb);
+      const da = pseudoRandomBytes(7, 1 << 20);
+      const db = pseudoRandomBytes(8, 1 << 20);
+      await Deno.writeFile(ta, da);
+      await Deno.writeFile(tb, db);
+      await sh("sync");
+      const st = await cli.json<Status>("status");
+      assertEquals(st.devices.map((d) => d.sizeBytes).sort((x, y) => x - y), [64 << 20, 96 << 20]);
+      // detach by the tracked path and by /dev/block/MAJ:MIN of the original
+      const [major, minor] = (await sh("cat", `/sys/block/${b.path.slice(5)}/dev`)).split(":");
+      await cli.ok("detach", "--device", ta);
+      await cli.ok("detach", "--device", `/dev/block/${major}:${minor}`);
+      assertEquals(ublkNodes(), []);
+      const headA = (await Deno.readFile(a.path)).subarray(0, 1 << 20);
+      const headB = (await Deno.readFile(b.path)).subarray(0, 1 << 20);
+      assertEquals(await digest(headA), await digest(da));
+      assertEquals(await digest(headB), await digest(db));
+
+      for (let i = 0; i < 10; i++) {
+        const t = await cli.ok("attach", "--device", a.path);
+        assertMatch(t, /^\/dev\/ublkb\d+$/);
+        await cli.ok("detach", "--device", a.path);
+        assertEquals(ublkNodes(), [], `cycle ${i}`);
+      }
+    } finally {
+      await cli.stopDaemon();
+      await a.destroy();
+      await b.destroy();
+    }
+    assertNoUblkDevices();
+  },
+);
 
 vmTest("SIGTERM removes every device the daemon made", async () => {
   const cli = new Cli("sigterm");

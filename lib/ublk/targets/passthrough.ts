@@ -6,7 +6,9 @@
  * aligned), FUA becomes RWF_DSYNC, FLUSH becomes fdatasync, DISCARD becomes
  * fallocate(PUNCH_HOLE) (the block layer turns it into an unmapping
  * write-zeroes; a device without that support ignores the hint, which discard
- * allows), WRITE_ZEROES becomes fallocate(ZERO_RANGE).
+ * allows). WRITE_ZEROES becomes fallocate(PUNCH_HOLE) too unless the request
+ * forbids unmapping, falling back to fallocate(ZERO_RANGE), which the kernel
+ * completes by writing zeroes when the device cannot.
  */
 import { ERRNO } from "../../../ffi/errno.ts";
 import { FALLOC_FL } from "../../../ffi/libc.ts";
@@ -19,10 +21,15 @@ export class PassthroughTarget implements UblkTarget {
   readonly #fd: number;
   /** The op each tag is serving, to interpret its completion. */
   readonly #ops: Uint8Array;
+  /** WRITE_ZEROES range per tag, for the ZERO_RANGE retry. */
+  readonly #offsets: Float64Array;
+  readonly #lengths: Uint32Array;
 
   constructor(originalFd: number, depth: number) {
     this.#fd = originalFd;
     this.#ops = new Uint8Array(depth);
+    this.#offsets = new Float64Array(depth);
+    this.#lengths = new Uint32Array(depth);
   }
 
   start(q: QueueContext, req: IoRequest): number {
@@ -58,14 +65,19 @@ export class PassthroughTarget implements UblkTarget {
         );
         break;
       case UBLK_IO_OP.WRITE_ZEROES:
-        ring.prepRw(
-          IORING_OP.FALLOCATE,
-          this.#fd,
-          bytes,
-          FALLOC_FL.ZERO_RANGE | FALLOC_FL.KEEP_SIZE,
-          offset,
-          ud,
-        );
+        if (req.flags & UBLK_IO_F.NOUNMAP) this.#zeroRange(ring, tag, offset, bytes);
+        else {
+          ring.prepRw(
+            IORING_OP.FALLOCATE,
+            this.#fd,
+            bytes,
+            FALLOC_FL.PUNCH_HOLE | FALLOC_FL.KEEP_SIZE,
+            offset,
+            ud,
+          );
+          this.#offsets[tag] = offset;
+          this.#lengths[tag] = bytes;
+        }
         break;
       default:
         return -ERRNO.EOPNOTSUPP;
@@ -74,7 +86,18 @@ export class PassthroughTarget implements UblkTarget {
     return PENDING;
   }
 
-  onCompletion(_q: QueueContext, tag: number, _sub: number, res: number): number {
+  #zeroRange(ring: QueueContext["ring"], tag: number, offset: number, bytes: number): void {
+    ring.prepRw(
+      IORING_OP.FALLOCATE,
+      this.#fd,
+      bytes,
+      FALLOC_FL.ZERO_RANGE | FALLOC_FL.KEEP_SIZE,
+      offset,
+      packUserData(UD_KIND.TARGET_IO, tag, 1),
+    );
+  }
+
+  onCompletion(q: QueueContext, tag: number, sub: number, res: number): number {
     switch (this.#ops[tag]) {
       case UBLK_IO_OP.READ:
       case UBLK_IO_OP.WRITE:
@@ -82,6 +105,13 @@ export class PassthroughTarget implements UblkTarget {
         return res;
       case UBLK_IO_OP.DISCARD:
         return res === -ERRNO.EOPNOTSUPP ? 0 : Math.min(res, 0);
+      case UBLK_IO_OP.WRITE_ZEROES:
+        if (res === -ERRNO.EOPNOTSUPP && sub === 0) {
+          this.#zeroRange(q.ring, tag, this.#offsets[tag]!, this.#lengths[tag]!);
+          q.targetSubmitted();
+          return PENDING;
+        }
+        return Math.min(res, 0);
       default:
         return Math.min(res, 0);
     }

@@ -1,0 +1,125 @@
+import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
+import { ControlServer, type DaemonApi } from "./server.ts";
+import { RequestError } from "./protocol.ts";
+import { Client, DaemonError } from "./client.ts";
+
+/** A daemon stand-in: records calls; attach of "/busy" fails like the real one. */
+function fakeDaemon(calls: string[]): DaemonApi {
+  return {
+    version: () => ({ version: "t", protocol: 1, pid: 1, ublkFeatures: [], ioctlEncoding: true }),
+    status: () => ({} as ReturnType<DaemonApi["status"]>),
+    attach: (device: string) => {
+      calls.push(`attach ${device}`);
+      if (device === "/busy") return Promise.reject(new RequestError("EBUSY", "in use"));
+      if (device === "/bug") return Promise.reject(new TypeError("a bug"));
+      return Promise.resolve(
+        { tracked: "/dev/ublkb0" } as Awaited<ReturnType<DaemonApi["attach"]>>,
+      );
+    },
+    detach: () => Promise.reject(new RequestError("ENOENT", "not tracked")),
+  };
+}
+
+async function withServer(fn: (path: string, calls: string[]) => Promise<void>): Promise<void> {
+  const dir = Deno.makeTempDirSync();
+  const path = `${dir}/control.sock`;
+  const calls: string[] = [];
+  const server = await ControlServer.listen(fakeDaemon(calls), path);
+  const serving = server.serve();
+  try {
+    assertEquals(Deno.statSync(path).mode! & 0o777, 0o600);
+    await fn(path, calls);
+  } finally {
+    server.close();
+    await serving;
+    Deno.removeSync(dir, { recursive: true });
+  }
+}
+
+async function exchange(path: string, lines: string[]): Promise<Array<Record<string, unknown>>> {
+  const conn = await Deno.connect({ transport: "unix", path });
+  const replies: Array<Record<string, unknown>> = [];
+  let pending = "";
+  const buf = new Uint8Array(65536);
+  for (const line of lines) {
+    await conn.write(new TextEncoder().encode(line + "\n"));
+    while (!pending.includes("\n")) {
+      const n = await conn.read(buf);
+      if (n === null) throw new Error("closed");
+      pending += new TextDecoder().decode(buf.subarray(0, n));
+    }
+    const i = pending.indexOf("\n");
+    replies.push(JSON.parse(pending.slice(0, i)));
+    pending = pending.slice(i + 1);
+  }
+  conn.close();
+  return replies;
+}
+
+Deno.test("ControlServer answers garbage with errors and keeps the connection", async () => {
+  await withServer(async (path, calls) => {
+    const replies = await exchange(path, [
+      "not json",
+      '{"v":7,"id":1,"op":"status"}',
+      '{"v":1,"id":2,"op":"format_disk"}',
+      '{"v":1,"id":3,"op":"attach","args":{"device":"/busy"}}',
+      '{"v":1,"id":4,"op":"attach","args":{"device":"/bug"}}',
+      '{"v":1,"id":5,"op":"ping"}',
+    ]);
+    assertEquals(replies.map((r) => r.ok), [false, false, false, false, false, true]);
+    assertEquals(replies.map((r) => (r.error as { code?: string } | undefined)?.code), [
+      "EPROTO",
+      "EPROTO",
+      "EINVAL",
+      "EBUSY",
+      "EIO",
+      undefined,
+    ]);
+    assertEquals(replies.map((r) => r.id), [0, 1, 2, 3, 4, 5]);
+    assertEquals(calls, ["attach /busy", "attach /bug"]);
+  });
+});
+
+Deno.test("ControlServer survives an over-long line and binary noise", async () => {
+  await withServer(async (path) => {
+    const c = await Deno.connect({ transport: "unix", path });
+    await c.write(crypto.getRandomValues(new Uint8Array(1000)));
+    await c.write(new TextEncoder().encode("y".repeat(100_000)));
+    c.close();
+    const [r] = await exchange(path, ['{"v":1,"id":9,"op":"ping"}']);
+    assertEquals(r!.ok, true);
+  });
+});
+
+Deno.test("Client numbers requests and turns error replies into DaemonError", async () => {
+  await withServer(async (path) => {
+    const client = await Client.connect(path);
+    try {
+      assertEquals(await client.request("attach", { device: "/dev/x" }), {
+        tracked: "/dev/ublkb0",
+      });
+      let err: unknown;
+      try {
+        await client.request("detach", { device: "/dev/x" });
+      } catch (e) {
+        err = e;
+      }
+      assert(err instanceof DaemonError);
+      assertEquals([err.code, err.errno, err.message], ["ENOENT", 2, "not tracked"]);
+    } finally {
+      client.close();
+    }
+  });
+});
+
+Deno.test("ControlServer.listen() refuses a socket another daemon answers on", async () => {
+  await withServer(async (path) => {
+    let err: unknown;
+    try {
+      await ControlServer.listen(fakeDaemon([]), path);
+    } catch (e) {
+      err = e;
+    }
+    assert(err instanceof Error && /another blksnap daemon is running/.test(err.message));
+  });
+});
