@@ -22,6 +22,9 @@ export const daemon: Command = {
   --log-file FILE         append log lines to FILE instead of stderr
   --queues N              ublk hardware queues per device (default ${DEFAULT_DAEMON_OPTIONS.queues})
   --queue-depth N         tags per queue (default ${DEFAULT_DAEMON_OPTIONS.queueDepth})
+  --io-buffer-kib N       per-tag buffer, the largest request (default ${
+    DEFAULT_DAEMON_OPTIONS.maxIoBufBytes / 1024
+  }, 4..1024)
   --no-private-mounts     stay in the caller's mount namespace (not recommended)
 
 Parameters (the kernel module's, same defaults):
@@ -38,6 +41,7 @@ Needs root and the ublk_drv module (Linux 6.0 or later).`,
     "log-file": { type: "string" },
     queues: { type: "string" },
     "queue-depth": { type: "string" },
+    "io-buffer-kib": { type: "string" },
     "no-private-mounts": { type: "boolean" },
     ...PARAM_OPTIONS,
   },
@@ -45,6 +49,16 @@ Needs root and the ublk_drv module (Linux 6.0 or later).`,
     noPositionals(this, positionals);
     const queues = intOption(values, "queues", DEFAULT_DAEMON_OPTIONS.queues, 1, 64);
     const queueDepth = intOption(values, "queue-depth", DEFAULT_DAEMON_OPTIONS.queueDepth, 1, 4096);
+    const ioBufferKib = intOption(
+      values,
+      "io-buffer-kib",
+      DEFAULT_DAEMON_OPTIONS.maxIoBufBytes / 1024,
+      4,
+      1024,
+    );
+    if (ioBufferKib % 4 !== 0) {
+      throw new UsageError("daemon: --io-buffer-kib must be a multiple of 4");
+    }
     const params: Parameters = { ...PARAMETER_DEFAULTS };
     for (const name of Object.keys(PARAMETER_DEFAULTS) as ParameterName[]) {
       params[name] = intOption(

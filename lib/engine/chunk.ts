@@ -9,20 +9,11 @@
  * copy-on-write (or a write to the image) claims the chunk.
  *
  * ```
- *            claim (COW or image write, holding a buffer)
- * NOT_COPIED ────────────────────────────────────────────▶ LOADING
- *                                                             │ read of the original done
- *               read of the original failed                   ▼
- *      FAILED ◀──────────────────────────────────────────── (loaded)
- *        ▲                                                    │
- *        │ snapshot corrupted,               ┌────────────────▼
- *        │ no space, store failed            │            IN_MEMORY ──▶ in the store queue
- *        ├───────────────────────────────────┤                │ storer picks it, has an extent
- *        │                                   │                ▼
- *        └──────────────────────────────── STORING ◀──────────┘
- *                                            │ write to the difference storage done
- *                                            ▼
- *                                          STORED (at diffOffsetSectors)
+ *  NOT_COPIED ──claim──▶ LOADING ──loaded──▶ IN_MEMORY ──extent──▶ STORING ──written──▶ STORED
+ *  (no record)              │                   │                    │
+ *                           └──────────────────┴────────────────────┴──────▶ FAILED
+ *                          read of the       corrupted or no       write to the
+ *                          original failed   space at store        storage failed
  * ```
  *
  * | from       | to        | who                                             |
@@ -180,12 +171,25 @@ export class ChunkTable {
   #header: Int32Array;
   #words: Int32Array;
   #capacity: number;
+  readonly #isView: boolean;
 
   /**
-   * @param maximumRecords the most records the table will ever hold; the
-   *   diff area derives it from the storage limit and the buffer pool.
+   * @param source the most records the table will ever hold (the diff area
+   *   derives it from the storage limit and the buffer pool); or, through
+   *   {@linkcode ChunkTable.fromShared}, the buffer of an existing table.
    */
-  constructor(maximumRecords: number) {
+  constructor(source: number | SharedArrayBuffer) {
+    if (typeof source !== "number") {
+      assert(source.growable, "A chunk table buffer is growable");
+      this.#shared = source;
+      this.#header = new Int32Array(source, 0, HEADER_BYTES / 4);
+      this.#capacity = 0;
+      this.#words = new Int32Array(0);
+      this.#isView = true;
+      this.#sync();
+      return;
+    }
+    const maximumRecords = source;
     assert(Number.isSafeInteger(maximumRecords) && maximumRecords > 0, "Bad maximum records");
     const maximumSlots = Math.min(
       nextPowerOfTwo(Math.max(MINIMUM_SLOTS, maximumRecords * 2)),
@@ -200,6 +204,30 @@ export class ChunkTable {
     this.#header[H_MAXIMUM] = Math.min(maximumRecords, maximumSlots / 2);
     this.#capacity = capacity;
     this.#words = new Int32Array(this.#shared, HEADER_BYTES, capacity * RECORD_WORDS);
+    this.#isView = false;
+  }
+
+  /**
+   * A read-only view of a table owned by another instance (for example in
+   * another worker). It follows the owner's growth and must not claim or
+   * transition. Across threads, a reader brackets a lookup with reads of
+   * the rehash lock and retries when it was odd or changed.
+   */
+  static fromShared(shared: SharedArrayBuffer): ChunkTable {
+    return new ChunkTable(shared);
+  }
+
+  /** Whether this instance only views another's table. */
+  get isView(): boolean {
+    return this.#isView;
+  }
+
+  /** Follows a growth made by the owner (views only). */
+  #sync(): void {
+    const capacity = Atomics.load(this.#header, H_CAPACITY);
+    if (capacity === this.#capacity) return;
+    this.#capacity = capacity;
+    this.#words = new Int32Array(this.#shared, HEADER_BYTES, capacity * RECORD_WORDS);
   }
 
   /** The buffer to hand to workers (growable; it is never replaced). */
@@ -211,6 +239,7 @@ export class ChunkTable {
     return this.#header[H_COUNT]!;
   }
   get capacity(): number {
+    if (this.#isView) this.#sync();
     return this.#capacity;
   }
   /** The most records the table accepts. */
@@ -259,6 +288,7 @@ export class ChunkTable {
    * Returns false when the table is full (the caller treats it as overflow).
    */
   claim(n: number, bufferIndex: number): boolean {
+    assert(!this.#isView, "A view of a chunk table cannot claim");
     assert(Number.isSafeInteger(n) && n >= 0, `Bad chunk number ${n}`);
     assert(bufferIndex >= 0, "A loading chunk holds a buffer");
     assert(this.#find(n) < 0, `Chunk #${n} is claimed twice`);
@@ -282,6 +312,7 @@ export class ChunkTable {
    * buffer-holding states clears the buffer index, which the caller releases.
    */
   transition(n: number, from: ChunkState, to: ChunkState, diffOffsetSectors = -1): void {
+    assert(!this.#isView, "A view of a chunk table cannot transition");
     const slot = this.#find(n);
     assert(
       slot >= 0,
@@ -312,6 +343,7 @@ export class ChunkTable {
 
   /** Calls `fn` for every record (for teardown and checks). */
   forEach(fn: (n: number, state: ChunkState, bufferIndex: number) => void): void {
+    if (this.#isView) this.#sync();
     for (let slot = 0; slot < this.#capacity; slot++) {
       const state = this.#get(slot, R_STATE);
       if (state === 0) continue;
@@ -352,6 +384,7 @@ export class ChunkTable {
   }
 
   #find(n: number): number {
+    if (this.#isView) this.#sync();
     const mask = this.#capacity - 1;
     for (let slot = this.#home(n), probes = 0; probes < this.#capacity; probes++) {
       if (this.#get(slot, R_STATE) === 0) return -1;

@@ -125,3 +125,22 @@ Deno.test("ChunkTable.claim() refuses past its maximum number of records", () =>
   assertTrue(table.claim(2, 0));
   assertEquals(table.claim(3, 0), false);
 });
+
+Deno.test("ChunkTable.fromShared() views the owner's records and follows its growth", () => {
+  const table = new ChunkTable(10_000);
+  const view = ChunkTable.fromShared(table.shared);
+  table.claim(3, 1);
+  assertEquals(view.state(3), ChunkState.LOADING);
+  for (let n = 100; n < 400; n++) table.claim(n, 0);
+  assertEquals(view.capacity, table.capacity);
+  assertEquals(view.size, 301);
+  table.transition(3, ChunkState.LOADING, ChunkState.IN_MEMORY);
+  assertEquals(view.state(3), ChunkState.IN_MEMORY);
+  assertEquals(view.bufferIndex(3), 1);
+  assertThrows(() => view.claim(5, 0), AssertionError, "cannot claim");
+  assertThrows(
+    () => view.transition(3, ChunkState.IN_MEMORY, ChunkState.FAILED),
+    AssertionError,
+    "cannot transition",
+  );
+});

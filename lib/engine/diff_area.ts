@@ -20,7 +20,8 @@
  * and room in the store queue (at most `chunk_maximum_in_queue` chunks loading
  * or waiting to be stored). When either is exhausted the claimer waits, in
  * arrival order, until the storer frees room: memory never grows past the
- * bounds.
+ * bounds. The storer writes up to {@linkcode STORE_CONCURRENCY} chunks at once
+ * and starts as soon as a chunk is queued.
  *
  * ## Image I/O
  *
@@ -199,6 +200,7 @@ export class DiffArea {
     const { chunkSectors } = this.geometry;
     const first = Math.floor(sector / chunkSectors);
     const last = Math.floor((sector + count - 1) / chunkSectors);
+    if (this.#allCopied(first, last)) return;
     this.#active++;
     try {
       if (first === last) {
@@ -270,6 +272,15 @@ export class DiffArea {
   }
 
   // --- copy-on-write -------------------------------------------------------
+
+  /** Whether every chunk of `[first, last]` is past LOADING: the common, fast case. */
+  #allCopied(first: number, last: number): boolean {
+    for (let n = first; n <= last; n++) {
+      const state = this.chunks.state(n);
+      if (state === ChunkState.NOT_COPIED || state === ChunkState.LOADING) return false;
+    }
+    return true;
+  }
 
   async #cowChunk(n: number): Promise<void> {
     while (this.#errorCode === 0 && !this.#closed) {
@@ -387,7 +398,12 @@ export class DiffArea {
       this.#finishStore(n, buffer, ChunkState.IN_MEMORY, ChunkState.FAILED);
       return;
     }
-    const offset = this.storage.allocate(this.geometry.chunkSectors);
+    const offset = await this.storage.allocate(this.geometry.chunkSectors);
+    if (offset >= 0 && (this.#errorCode !== 0 || this.#closed)) {
+      // corrupted or closed while waiting for the storage to grow
+      this.#finishStore(n, buffer, ChunkState.IN_MEMORY, ChunkState.FAILED);
+      return;
+    }
     if (offset < 0) {
       this.#finishStore(n, buffer, ChunkState.IN_MEMORY, ChunkState.FAILED);
       this.setCorrupted(-ERRNO.ENOSPC);

@@ -9,7 +9,10 @@
  * grows by `diff_storage_minimum` sectors whenever the free space falls to
  * half of that, never past the limit; when it cannot grow a `no_space` event
  * is raised, and when an extent cannot be had the caller marks the snapshot
- * corrupted with ENOSPC.
+ * corrupted with ENOSPC. Extents are handed out up to the size requested
+ * (capacity plus the growth under way), as the module does; a request that
+ * does not fit while the file is growing waits for the growth rather than
+ * overflowing, which the module would do.
  *
  * The file I/O is behind {@linkcode DiffStorageFile}, opened by an injectable
  * {@linkcode DiffStorageOpener}. {@linkcode openDiffStorageFile} is the
@@ -241,6 +244,7 @@ export class DiffStorage {
   #requestedSectors: number;
   #filledSectors = 0;
   #lowSpace = false;
+  #growthFailed = false;
   #overflowed = false;
   #growth: Promise<void> | null = null;
   #closed = false;
@@ -322,22 +326,31 @@ export class DiffStorage {
   }
 
   /**
-   * `diff_storage_alloc`: hands out `countSectors` at the returned sector
-   * offset, or returns -1 when there is no room (then and from then on:
-   * the caller marks its snapshot corrupted with ENOSPC).
+   * `diff_storage_alloc`: hands out `countSectors` and resolves to their
+   * sector offset, or to -1 when there is no room (then and from then on:
+   * the caller marks its snapshot corrupted with ENOSPC). A request that
+   * does not fit while the storage is growing waits for the growth.
    */
-  allocate(countSectors: number): number {
+  async allocate(countSectors: number): Promise<number> {
     assert(Number.isSafeInteger(countSectors) && countSectors > 0, "Bad extent size");
-    if (this.#overflowed || this.#closed) return -1;
-    if (this.#filledSectors + countSectors > this.#requestedSectors) {
-      this.#overflowed = true;
-      this.#log(`The difference storage "${this.file.path}" overflowed`);
-      return -1;
+    for (;;) {
+      if (this.#overflowed || this.#closed) return -1;
+      if (this.#filledSectors + countSectors <= this.#requestedSectors) {
+        const offset = this.#filledSectors;
+        this.#filledSectors += countSectors;
+        this.#checkHalfFull(this.#requestedSectors - this.#filledSectors);
+        return offset;
+      }
+      if (this.#growth !== null) {
+        await this.#growth;
+      } else if (this.#canGrow()) {
+        this.#startGrowth();
+      } else {
+        this.#overflowed = true;
+        this.#log(`The difference storage "${this.file.path}" overflowed`);
+        return -1;
+      }
     }
-    const offset = this.#filledSectors;
-    this.#filledSectors += countSectors;
-    this.#checkHalfFull(this.#requestedSectors - this.#filledSectors);
-    return offset;
   }
 
   /** Reads an extent's bytes. */
@@ -379,53 +392,63 @@ export class DiffStorage {
     return sectorsLeft <= this.#minimumSectors / 2;
   }
 
+  #canGrow(): boolean {
+    return this.file.kind !== "blockdev" && !this.#growthFailed &&
+      this.#requestedSectors < this.limitSectors;
+  }
+
   #checkHalfFull(sectorsLeft: number): void {
     if (!this.#isHalfFull(sectorsLeft) || this.#lowSpace) return;
     this.#lowSpace = true;
-    if (this.file.kind === "blockdev" || this.#requestedSectors >= this.limitSectors) {
-      this.#log(`The difference storage "${this.file.path}" cannot grow`);
-      this.#onEvent({
-        code: "no_space",
-        timeMs: Date.now(),
-        requestedSectors: this.#minimumSectors,
-      });
+    if (this.#canGrow()) {
+      this.#startGrowth();
       return;
     }
+    this.#log(`The difference storage "${this.file.path}" cannot grow`);
+    this.#onEvent({ code: "no_space", timeMs: Date.now(), requestedSectors: this.#minimumSectors });
+  }
+
+  #startGrowth(): void {
+    assert(this.#growth === null, "Two growths at once");
+    this.#lowSpace = true;
     this.#requestedSectors += Math.min(
       this.#minimumSectors,
       this.limitSectors - this.#requestedSectors,
     );
-    const growth: Promise<void> = this.#grow().finally(() => {
-      if (this.#growth === growth) this.#growth = null;
-    });
-    this.#growth = growth;
+    this.#growth = this.#grow();
   }
 
   /** `diff_storage_reallocate_work`: grows to the requested size in the background. */
   async #grow(): Promise<void> {
-    while (!this.#closed) {
-      const target = this.#requestedSectors;
-      try {
-        await this.file.allocate(target * SECTOR_SIZE);
-      } catch (error) {
-        // Stop handing out space the file does not have; later requests
-        // overflow and the snapshot is corrupted with ENOSPC.
-        this.#requestedSectors = Math.max(this.#capacitySectors, this.#filledSectors);
-        this.#log(`Failed to grow "${this.file.path}": ${(error as Error).message}`);
-        this.#onEvent({
-          code: "no_space",
-          timeMs: Date.now(),
-          requestedSectors: target - this.#capacitySectors,
-        });
-        return;
+    try {
+      while (!this.#closed) {
+        const target = this.#requestedSectors;
+        try {
+          await this.file.allocate(target * SECTOR_SIZE);
+        } catch (error) {
+          // Stop handing out space the file does not have; later requests
+          // overflow and the snapshot is corrupted with ENOSPC.
+          this.#requestedSectors = Math.max(this.#capacitySectors, this.#filledSectors);
+          this.#growthFailed = true;
+          this.#log(`Failed to grow "${this.file.path}": ${(error as Error).message}`);
+          this.#onEvent({
+            code: "no_space",
+            timeMs: Date.now(),
+            requestedSectors: target - this.#capacitySectors,
+          });
+          return;
+        }
+        assert(target <= this.limitSectors, "The difference storage grew past its limit");
+        this.#capacitySectors = target;
+        if (this.#capacitySectors >= this.#requestedSectors) return;
       }
-      assert(target <= this.limitSectors, "The difference storage grew past its limit");
-      this.#capacitySectors = target;
-      if (this.#capacitySectors >= this.#requestedSectors) {
+    } finally {
+      // In the same turn as the last step, so that no check sees one without the other.
+      this.#growth = null;
+      if (!this.#growthFailed && !this.#closed) {
         this.#lowSpace = false;
-        // Space handed out meanwhile may already be under half a portion.
+        // Space handed out during the growth may already leave less than half a portion.
         this.#checkHalfFull(this.#requestedSectors - this.#filledSectors);
-        return;
       }
     }
   }

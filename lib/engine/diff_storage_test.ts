@@ -4,7 +4,7 @@ import { DiffStorage, openDiffStorageFile } from "./diff_storage.ts";
 import { BlksnapError } from "./errors.ts";
 import type { SnapshotEvent } from "./event_queue.ts";
 import { makeParams } from "./params.ts";
-import { MemoryDiffStorageFile, tempDir } from "./_test_util.ts";
+import { Gate, MemoryDiffStorageFile, tempDir, yieldTurns } from "./_test_util.ts";
 
 // 4 KiB chunks (8 sectors), growth portions of 64 sectors
 const params = makeParams({ chunkMinimumShift: 12, diffStorageMinimumSectors: 64 });
@@ -71,7 +71,7 @@ Deno.test("A directory holds an unnamed file that is gone from the start", async
   const storage = await open(dir.path, 1000);
   assertEquals(storage.kind, "tmpfile");
   assertEquals([...Deno.readDirSync(dir.path)], []);
-  const offset = storage.allocate(8);
+  const offset = await storage.allocate(8);
   const data = new Uint8Array(4096).fill(3);
   await storage.write(offset, data);
   const out = new Uint8Array(4096);
@@ -86,11 +86,11 @@ Deno.test("DiffStorage hands out chunk-sized extents in order and grows at half 
   const events: SnapshotEvent[] = [];
   const storage = await open("mem", 1000, events, () => Promise.resolve(file));
   assertEquals(storage.capacitySectors, 64);
-  assertEquals(storage.allocate(8), 0);
-  assertEquals(storage.allocate(8), 8);
-  assertEquals(storage.allocate(8), 16);
+  assertEquals(await storage.allocate(8), 0);
+  assertEquals(await storage.allocate(8), 8);
+  assertEquals(await storage.allocate(8), 16);
   assertEquals(storage.requestedSectors, 64, "40 sectors left: more than half a portion");
-  assertEquals(storage.allocate(8), 24); // 32 left: half a portion
+  assertEquals(await storage.allocate(8), 24); // 32 left: half a portion
   assertEquals(storage.requestedSectors, 128);
   await storage.settled();
   assertEquals(storage.capacitySectors, 128);
@@ -104,7 +104,7 @@ Deno.test("DiffStorage never grows past its limit and raises no_space there", as
   const storage = await open("mem", 100, events, () => Promise.resolve(file));
   const offsets: number[] = [];
   for (;;) {
-    const offset = storage.allocate(8);
+    const offset = await storage.allocate(8);
     if (offset < 0) break;
     offsets.push(offset);
     await storage.settled();
@@ -113,7 +113,7 @@ Deno.test("DiffStorage never grows past its limit and raises no_space there", as
   assertEquals(file.allocations, [64 * 512, 100 * 512]);
   assertEquals(offsets.length, 12); // 96 sectors
   assertTrue(storage.isOverflowed);
-  assertEquals(storage.allocate(8), -1, "and from then on");
+  assertEquals(await storage.allocate(8), -1, "and from then on");
   assertEquals(events.map((event) => event.code), ["no_space"]);
 });
 
@@ -127,7 +127,7 @@ Deno.test("A failed fallocate stops handing out space the storage does not have"
     },
   };
   let count = 0;
-  while (storage.allocate(8) >= 0) {
+  while ((await storage.allocate(8)) >= 0) {
     count++;
     await storage.settled();
   }
@@ -141,12 +141,12 @@ Deno.test("A block device storage does not grow: no_space when half full", async
   const events: SnapshotEvent[] = [];
   const storage = await open("bdev", 1000, events, () => Promise.resolve(file));
   assertEquals(storage.capacitySectors, 48);
-  assertEquals(storage.allocate(8), 0);
+  assertEquals(await storage.allocate(8), 0);
   assertEquals(events, []);
-  assertEquals(storage.allocate(8), 8); // 32 left: half a portion
+  assertEquals(await storage.allocate(8), 8); // 32 left: half a portion
   assertEquals(events.map((event) => event.code), ["no_space"]);
-  for (let i = 2; i < 6; i++) assertEquals(storage.allocate(8), i * 8);
-  assertEquals(storage.allocate(8), -1);
+  for (let i = 2; i < 6; i++) assertEquals(await storage.allocate(8), i * 8);
+  assertEquals(await storage.allocate(8), -1);
   assertEquals(file.allocations, []);
 });
 
@@ -159,5 +159,27 @@ Deno.test("DiffStorage asserts I/O outside the extents it handed out", async () 
     failed = true;
   }
   assertTrue(failed);
+  await storage.close();
+});
+
+Deno.test("An extent that does not fit while the storage grows waits for the growth", async () => {
+  const gate = new Gate();
+  const file = new MemoryDiffStorageFile();
+  const storage = await open("mem", 1000, [], () => Promise.resolve(file));
+  file.hooks = { before: (request) => request.kind === "allocate" ? gate.wait() : undefined };
+  for (let i = 0; i < 4; i++) await storage.allocate(8); // half full: growth to 128 starts
+  assertEquals(storage.requestedSectors, 128);
+  assertEquals(storage.capacitySectors, 64);
+  for (let i = 4; i < 16; i++) assertEquals(await storage.allocate(8), i * 8);
+  let offset = -2;
+  const waiting = storage.allocate(8).then((value) => offset = value);
+  await yieldTurns(2);
+  assertEquals(offset, -2, "waits for the growth");
+  gate.open();
+  await waiting;
+  assertEquals(offset, 128);
+  assertEquals(storage.isOverflowed, false);
+  await storage.settled();
+  assertEquals(storage.capacitySectors, 192);
   await storage.close();
 });

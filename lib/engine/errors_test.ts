@@ -1,5 +1,12 @@
 import { assertEquals, assertInstanceOf, assertStrictEquals, assertThrows } from "./_assert.ts";
-import { assert, AssertionError, BlksnapError, ERRNO, errnoName, toBlksnapError } from "./errors.ts";
+import {
+  assert,
+  AssertionError,
+  BlksnapError,
+  ERRNO,
+  errnoName,
+  toBlksnapError,
+} from "./errors.ts";
 
 Deno.test("BlksnapError carries the errno name and number", () => {
   const error = new BlksnapError("ESRCH", "Snapshot 1234 not found");

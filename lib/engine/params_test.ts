@@ -45,6 +45,9 @@ Deno.test("resolveParams() fixes values the way parameters_init does", () => {
   // at least two minimal chunks (2 * 128 sectors), then a multiple of one
   assertEquals(params.diffStorageMinimumSectors, 256);
   assertEquals(warnings.length, 3);
-  assertEquals(makeParams({ diffStorageMinimumSectors: 1000, chunkMinimumShift: 12 })
-    .diffStorageMinimumSectors, 1000);
+  assertEquals(
+    makeParams({ diffStorageMinimumSectors: 1000, chunkMinimumShift: 12 })
+      .diffStorageMinimumSectors,
+    1000,
+  );
 });

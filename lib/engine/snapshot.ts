@@ -167,17 +167,15 @@ export class Snapshots {
       for (const tracker of snapshot.trackers) {
         await this.#hook(hooks.freeze, tracker, "freeze");
       }
-      const quiesced: Tracker[] = [];
+      // Every device stops admitting writes at once, then drains.
+      const draining = snapshot.trackers.map((tracker) => tracker.quiesce());
       try {
-        for (const tracker of snapshot.trackers) {
-          await tracker.quiesce();
-          quiesced.push(tracker);
-        }
+        await Promise.all(draining);
         // The instant of the snapshot: no await until every device switched.
         snapshot.trackers.forEach((tracker, i) => tracker.takeSnapshot(areas[i]!));
         snapshot.isTaken = true;
       } finally {
-        for (const tracker of quiesced) tracker.resume();
+        for (const tracker of snapshot.trackers) tracker.resume();
         for (const tracker of snapshot.trackers) {
           await this.#hook(hooks.thaw, tracker, "thaw");
         }
@@ -226,11 +224,11 @@ export class Snapshots {
    * `snapshot_wait_event`: the next event of snapshot `id`, waiting up to
    * `timeoutMs`; null on timeout or when the snapshot is destroyed meanwhile.
    */
-  waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
+  async waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
     if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > 2 ** 32 - 1) {
       throw new BlksnapError("EINVAL", `Bad timeout ${timeoutMs}`);
     }
-    return this.#get(id, "ESRCH").events.wait(timeoutMs);
+    return await this.#get(id, "ESRCH").events.wait(timeoutMs);
   }
 
   /** Destroys every snapshot (the daemon's shutdown). */

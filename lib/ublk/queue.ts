@@ -134,7 +134,8 @@ export class UblkQueue implements QueueContext {
     this.ring = new Ring(uring, libc, {
       entries,
       cqEntries: entries * 2,
-      flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER,
+      flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER |
+        (Deno.env.get("BLKSNAP_EXP_DEFER") === "1" ? IORING_SETUP.DEFER_TASKRUN : 0),
     });
     this.#fetchOp = (opts.useIoctl ? UBLK_IO.FETCH_REQ.ioctl : UBLK_IO.FETCH_REQ.legacy) >>> 0;
     this.#commitOp =
