@@ -3,7 +3,7 @@
  */
 import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
 import { BLK, type Libc, O } from "../../ffi/libc.ts";
-import { RequestError } from "./protocol.ts";
+import { BlksnapError } from "../engine/errors.ts";
 
 export interface DeviceNumber {
   major: number;
@@ -47,12 +47,12 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
     info = Deno.statSync(path);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) {
-      throw new RequestError("ENOENT", `Cannot ${verb} "${path}": no such file or directory`);
+      throw new BlksnapError("ENOENT", `Cannot ${verb} "${path}": no such file or directory`);
     }
     if (err instanceof Deno.errors.PermissionDenied) {
-      throw new RequestError("EACCES", `Cannot ${verb} "${path}": permission denied`);
+      throw new BlksnapError("EACCES", `Cannot ${verb} "${path}": permission denied`);
     }
-    throw new RequestError("EINVAL", `Cannot ${verb} "${path}": ${(err as Error).message}`);
+    throw new BlksnapError("EINVAL", `Cannot ${verb} "${path}": ${(err as Error).message}`);
   }
   if (!info.isBlockDevice) {
     const kind = info.isFile
@@ -60,7 +60,7 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
       : info.isDirectory
       ? "a directory"
       : "a special file";
-    throw new RequestError(
+    throw new BlksnapError(
       "ENOTBLK",
       `Cannot ${verb} "${path}": it is ${kind}, not a block device`,
     );
@@ -100,7 +100,7 @@ export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): numb
     return libc.open(id.path, O.RDWR | O.EXCL | O.DIRECT | O.CLOEXEC);
   } catch (err) {
     if (err instanceof ErrnoError && err.code === "EBUSY") {
-      throw new RequestError(
+      throw new BlksnapError(
         "EBUSY",
         `Cannot ${verb} "${id.path}": the device is in use (mounted, or held open exclusively${
           holdersOf(id)
@@ -109,7 +109,7 @@ export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): numb
     }
     if (err instanceof ErrnoError) {
       const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
-      throw new RequestError(code, `Cannot ${verb} "${id.path}": ${err.message}`);
+      throw new BlksnapError(code, `Cannot ${verb} "${id.path}": ${err.message}`);
     }
     throw err;
   }

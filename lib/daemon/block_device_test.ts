@@ -1,6 +1,6 @@
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
 import { deviceKey, identifyBlockDevice, splitDevT } from "./block_device.ts";
-import { RequestError } from "./protocol.ts";
+import { BlksnapError } from "../engine/errors.ts";
 
 Deno.test("splitDevT() decodes glibc's dev_t encoding", () => {
   assertEquals(splitDevT(0x0700), { major: 7, minor: 0 }); // loop0
@@ -14,11 +14,11 @@ Deno.test("splitDevT() decodes glibc's dev_t encoding", () => {
   assertEquals(deviceKey({ major: 8, minor: 17 }), "8:17");
 });
 
-function reject(path: string): RequestError {
+function reject(path: string): BlksnapError {
   try {
     identifyBlockDevice(path, "attach");
   } catch (err) {
-    if (err instanceof RequestError) return err;
+    if (err instanceof BlksnapError) return err;
     throw err;
   }
   throw new Error(`${path} was accepted`);

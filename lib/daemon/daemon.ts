@@ -18,7 +18,8 @@ import {
   readGeometry,
   splitDevT,
 } from "./block_device.ts";
-import { PROTOCOL_VERSION, RequestError } from "./protocol.ts";
+import { PROTOCOL_VERSION } from "./protocol.ts";
+import { BlksnapError } from "../engine/errors.ts";
 
 export interface DaemonOptions {
   params: Parameters;
@@ -122,10 +123,10 @@ export class Daemon {
       const other = existing.info.trackedDevice === id.key
         ? existing.info.original
         : existing.info.tracked;
-      throw new RequestError("EALREADY", `Cannot attach "${path}": it ${as} "${other}"`);
+      throw new BlksnapError("EALREADY", `Cannot attach "${path}": it ${as} "${other}"`);
     }
     if (this.#attaching.has(id.key)) {
-      throw new RequestError("EALREADY", `Cannot attach "${path}": an attach of it is in progress`);
+      throw new BlksnapError("EALREADY", `Cannot attach "${path}": an attach of it is in progress`);
     }
     this.#attaching.add(id.key);
     let fd = -1;
@@ -171,9 +172,9 @@ export class Daemon {
     this.#refuseWhenStopping();
     const id = identifyBlockDevice(path, "detach");
     const t = this.#find(id);
-    if (!t) throw new RequestError("ENOENT", `Cannot detach "${path}": it is not tracked`);
+    if (!t) throw new BlksnapError("ENOENT", `Cannot detach "${path}": it is not tracked`);
     if (t.detaching) {
-      throw new RequestError("EALREADY", `Cannot detach "${path}": a detach is in progress`);
+      throw new BlksnapError("EALREADY", `Cannot detach "${path}": a detach is in progress`);
     }
     // Hold the tracked device exclusively while it goes away: refuses when it is
     // mounted, and keeps anyone from mounting it during the teardown.
@@ -216,7 +217,7 @@ export class Daemon {
   }
 
   #refuseWhenStopping(): void {
-    if (this.#shuttingDown) throw new RequestError("ESRCH", "The daemon is shutting down");
+    if (this.#shuttingDown) throw new BlksnapError("ESRCH", "The daemon is shutting down");
   }
 
   /**
@@ -250,16 +251,16 @@ function splitKey(key: string): { major: number; minor: number } {
 
 function validateGeometry(path: string, geo: Geometry): void {
   if (geo.sizeBytes === 0) {
-    throw new RequestError("EINVAL", `Cannot attach "${path}": the device is empty (0 bytes)`);
+    throw new BlksnapError("EINVAL", `Cannot attach "${path}": the device is empty (0 bytes)`);
   }
   if (geo.logicalBlockSize < 512 || geo.logicalBlockSize > 4096) {
-    throw new RequestError(
+    throw new BlksnapError(
       "EINVAL",
       `Cannot attach "${path}": logical block size ${geo.logicalBlockSize} is outside 512..4096, which ublk supports`,
     );
   }
   if (geo.sizeBytes % geo.logicalBlockSize !== 0) {
-    throw new RequestError(
+    throw new BlksnapError(
       "EINVAL",
       `Cannot attach "${path}": size is not a multiple of its block size`,
     );

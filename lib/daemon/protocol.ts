@@ -9,7 +9,7 @@
  * with EPROTO and does nothing. `id` numbers the requests of a connection and
  * is echoed. Every request is validated here before any handler sees it.
  */
-import { ERRNO, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError } from "../engine/errors.ts";
 
 export const PROTOCOL_VERSION = 1;
 /** Longest request line accepted; longer input is an error, not a buffer. */
@@ -42,17 +42,9 @@ export type Reply =
   | { v: number; id: number; ok: true; result: unknown }
   | { v: number; id: number; ok: false; error: ErrorBody };
 
-/** An error a handler raises for the client: carries an errno name. */
-export class RequestError extends Error {
-  readonly code: ErrnoName;
-  constructor(code: ErrnoName, message: string) {
-    super(message);
-    this.name = "RequestError";
-    this.code = code;
-  }
-  toBody(): ErrorBody {
-    return { code: this.code, errno: ERRNO[this.code], message: this.message };
-  }
+/** The reply body of an operating error. */
+export function errorBody(err: BlksnapError): ErrorBody {
+  return { code: err.code, errno: err.errno, message: err.message };
 }
 
 const ARG_SPECS: Record<Op, Record<string, "string">> = {
@@ -64,45 +56,45 @@ const ARG_SPECS: Record<Op, Record<string, "string">> = {
   shutdown: {},
 };
 
-/** Parses and validates one request line; throws RequestError (EPROTO/EINVAL) when bad. */
+/** Parses and validates one request line; throws BlksnapError (EPROTO/EINVAL) when bad. */
 export function parseRequest(line: string): Envelope {
   let raw: unknown;
   try {
     raw = JSON.parse(line);
   } catch {
-    throw new RequestError("EPROTO", "Malformed request: not JSON");
+    throw new BlksnapError("EPROTO", "Malformed request: not JSON");
   }
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
-    throw new RequestError("EPROTO", "Malformed request: not a JSON object");
+    throw new BlksnapError("EPROTO", "Malformed request: not a JSON object");
   }
   const r = raw as Record<string, unknown>;
   if (r.v !== PROTOCOL_VERSION) {
-    throw new RequestError(
+    throw new BlksnapError(
       "EPROTO",
       `Unsupported protocol version ${JSON.stringify(r.v)}; this daemon speaks ${PROTOCOL_VERSION}`,
     );
   }
   if (typeof r.id !== "number" || !Number.isSafeInteger(r.id) || r.id < 0) {
-    throw new RequestError("EPROTO", "Malformed request: id must be a non-negative integer");
+    throw new BlksnapError("EPROTO", "Malformed request: id must be a non-negative integer");
   }
   if (typeof r.op !== "string" || !Object.hasOwn(ARG_SPECS, r.op)) {
-    throw new RequestError("EINVAL", `Unknown operation ${JSON.stringify(r.op)}`);
+    throw new BlksnapError("EINVAL", `Unknown operation ${JSON.stringify(r.op)}`);
   }
   const op = r.op as Op;
   const args = r.args ?? {};
   if (typeof args !== "object" || args === null || Array.isArray(args)) {
-    throw new RequestError("EINVAL", `Operation "${op}": args must be an object`);
+    throw new BlksnapError("EINVAL", `Operation "${op}": args must be an object`);
   }
   const spec = ARG_SPECS[op];
   const a = args as Record<string, unknown>;
   for (const key of Object.keys(a)) {
     if (!Object.hasOwn(spec, key)) {
-      throw new RequestError("EINVAL", `Operation "${op}": unknown argument "${key}"`);
+      throw new BlksnapError("EINVAL", `Operation "${op}": unknown argument "${key}"`);
     }
   }
   for (const [key, type] of Object.entries(spec)) {
     if (typeof a[key] !== type || (type === "string" && (a[key] as string).length === 0)) {
-      throw new RequestError("EINVAL", `Operation "${op}": argument "${key}" must be a ${type}`);
+      throw new BlksnapError("EINVAL", `Operation "${op}": argument "${key}" must be a ${type}`);
     }
   }
   return { v: PROTOCOL_VERSION, id: r.id, op, args: a as Request["args"] };

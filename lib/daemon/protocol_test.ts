@@ -1,11 +1,12 @@
 import { deepStrictEqual as assertEquals, throws as assertThrows } from "node:assert/strict";
-import { parseRequest, PROTOCOL_VERSION, RequestError, salvageId } from "./protocol.ts";
+import { errorBody, parseRequest, PROTOCOL_VERSION, salvageId } from "./protocol.ts";
+import { BlksnapError } from "../engine/errors.ts";
 
 function code(line: string): string {
   try {
     parseRequest(line);
   } catch (err) {
-    if (err instanceof RequestError) return err.code;
+    if (err instanceof BlksnapError) return err.code;
     throw err;
   }
   return "ok";
@@ -46,15 +47,15 @@ Deno.test("parseRequest() rejects bad ids, ops and arguments", () => {
   assertEquals(code('{"v":1,"id":1,"op":"attach","args":{"device":"/d","x":1}}'), "EINVAL");
 });
 
-Deno.test("RequestError.toBody() carries the errno number", () => {
-  assertEquals(new RequestError("EBUSY", "busy").toBody(), {
+Deno.test("BlksnapError.toBody() carries the errno number", () => {
+  assertEquals(errorBody(new BlksnapError("EBUSY", "busy")), {
     code: "EBUSY",
     errno: 16,
     message: "busy",
   });
   assertThrows(() => {
-    throw new RequestError("ENOENT", "x");
-  }, RequestError);
+    throw new BlksnapError("ENOENT", "x");
+  }, BlksnapError);
 });
 
 Deno.test("salvageId() finds the id of a rejected request when it can", () => {

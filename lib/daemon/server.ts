@@ -4,19 +4,20 @@
  * connection stays usable; nothing a client sends can crash the daemon.
  */
 import { type Daemon, log } from "./daemon.ts";
-
-/** What the server needs of the daemon (a fake in the unit tests). */
-export type DaemonApi = Pick<Daemon, "version" | "status" | "attach" | "detach">;
 import {
   type Envelope,
+  errorBody,
   MAX_LINE_BYTES,
   parseRequest,
   PROTOCOL_VERSION,
   type Reply,
-  RequestError,
   salvageId,
 } from "./protocol.ts";
+import { BlksnapError } from "../engine/errors.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
+
+/** What the server needs of the daemon (a fake in the unit tests). */
+export type DaemonApi = Pick<Daemon, "version" | "status" | "attach" | "detach">;
 
 export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
 
@@ -104,7 +105,7 @@ export class ControlServer {
         if (pending.length > MAX_LINE_BYTES) {
           const reply = errorReply(
             0,
-            new RequestError("E2BIG", `Request longer than ${MAX_LINE_BYTES} bytes`),
+            new BlksnapError("E2BIG", `Request longer than ${MAX_LINE_BYTES} bytes`),
           );
           await writeAll(conn, encoder.encode(JSON.stringify(reply) + "\n"));
           return;
@@ -163,8 +164,8 @@ export class ControlServer {
 }
 
 function errorReply(id: number, err: unknown): Reply {
-  if (err instanceof RequestError) {
-    return { v: PROTOCOL_VERSION, id, ok: false, error: err.toBody() };
+  if (err instanceof BlksnapError) {
+    return { v: PROTOCOL_VERSION, id, ok: false, error: errorBody(err) };
   }
   if (err instanceof ErrnoError) {
     return {

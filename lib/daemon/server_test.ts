@@ -1,6 +1,6 @@
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { ControlServer, type DaemonApi } from "./server.ts";
-import { RequestError } from "./protocol.ts";
+import { BlksnapError } from "../engine/errors.ts";
 import { Client, DaemonError } from "./client.ts";
 
 /** A daemon stand-in: records calls; attach of "/busy" fails like the real one. */
@@ -10,13 +10,13 @@ function fakeDaemon(calls: string[]): DaemonApi {
     status: () => ({} as ReturnType<DaemonApi["status"]>),
     attach: (device: string) => {
       calls.push(`attach ${device}`);
-      if (device === "/busy") return Promise.reject(new RequestError("EBUSY", "in use"));
+      if (device === "/busy") return Promise.reject(new BlksnapError("EBUSY", "in use"));
       if (device === "/bug") return Promise.reject(new TypeError("a bug"));
       return Promise.resolve(
         { tracked: "/dev/ublkb0" } as Awaited<ReturnType<DaemonApi["attach"]>>,
       );
     },
-    detach: () => Promise.reject(new RequestError("ENOENT", "not tracked")),
+    detach: () => Promise.reject(new BlksnapError("ENOENT", "not tracked")),
   };
 }
 

@@ -11,44 +11,11 @@
  * @module
  */
 
-/** Linux errno numbers used by the engine (x86-64 / generic values). */
-export const ERRNO = {
-  EPERM: 1,
-  ENOENT: 2,
-  ESRCH: 3,
-  EINTR: 4,
-  EIO: 5,
-  ENXIO: 6,
-  EBADF: 9,
-  EAGAIN: 11,
-  ENOMEM: 12,
-  EACCES: 13,
-  EFAULT: 14,
-  EBUSY: 16,
-  EEXIST: 17,
-  ENODEV: 19,
-  ENOTDIR: 20,
-  EISDIR: 21,
-  EINVAL: 22,
-  EFBIG: 27,
-  ENOSPC: 28,
-  EROFS: 30,
-  ENODATA: 61,
-  EOPNOTSUPP: 95,
-  ETIMEDOUT: 110,
-  EALREADY: 114,
-} as const;
+import { ERRNO, type ErrnoName } from "../errno.ts";
+import { AssertionError } from "../assert.ts";
 
-/** Name of an errno known to the engine, such as `"ENOSPC"`. */
-export type ErrnoName = keyof typeof ERRNO;
-
-/** Returns the errno name for a number, or `undefined` when unknown. */
-export function errnoName(errno: number): ErrnoName | undefined {
-  for (const [name, value] of Object.entries(ERRNO)) {
-    if (value === errno) return name as ErrnoName;
-  }
-  return undefined;
-}
+export { ERRNO, type ErrnoName, errnoName } from "../errno.ts";
+export { assert, AssertionError } from "../assert.ts";
 
 /**
  * An operating error with an errno, e.g.
@@ -66,19 +33,6 @@ export class BlksnapError extends Error {
     this.code = code;
     this.errno = ERRNO[code];
   }
-}
-
-/** A broken invariant: a bug in the engine or in its caller. */
-export class AssertionError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "AssertionError";
-  }
-}
-
-/** Throws an {@linkcode AssertionError} unless `condition` holds. */
-export function assert(condition: unknown, message: string): asserts condition {
-  if (!condition) throw new AssertionError(message);
 }
 
 /**

@@ -32,6 +32,8 @@ export interface QueueStats {
   errors: number;
   bytesRead: number;
   bytesWritten: number;
+  enters: number;
+  completions: number;
 }
 
 const WORKER_URL = new URL("../../workers/queue_worker.ts", import.meta.url).href;
@@ -91,6 +93,8 @@ export class UblkDevice {
         errors: at(QUEUE_STATS.ERRORS),
         bytesRead: at(QUEUE_STATS.BYTES_READ),
         bytesWritten: at(QUEUE_STATS.BYTES_WRITTEN),
+        enters: at(QUEUE_STATS.ENTERS),
+        completions: at(QUEUE_STATS.COMPLETIONS),
       };
     });
   }

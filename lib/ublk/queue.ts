@@ -46,7 +46,7 @@ export interface QueueOptions {
  * Float64 slots [qId * STRIDE + field]; the queue is the only writer of its slots.
  */
 export const QUEUE_STATS = {
-  STRIDE: 8,
+  STRIDE: 10,
   REQUESTS: 0,
   READS: 1,
   WRITES: 2,
@@ -55,6 +55,10 @@ export const QUEUE_STATS = {
   ERRORS: 5,
   BYTES_READ: 6,
   BYTES_WRITTEN: 7,
+  /** io_uring_enter calls (submit and wait): requests / enters is the batching factor. */
+  ENTERS: 8,
+  /** Completions handled. */
+  COMPLETIONS: 9,
 } as const;
 
 const TAG_FETCHED = 1;
@@ -162,9 +166,11 @@ export class UblkQueue implements QueueContext {
 
   /** Serves I/O until the device stops. */
   run(): void {
+    const st = this.#stats;
     while (this.#ended < this.depth || this.#targetInflight > 0) {
       this.ring.submitAndWait(1);
-      this.ring.drain(this.#onCqe);
+      st[QUEUE_STATS.ENTERS]!++;
+      st[QUEUE_STATS.COMPLETIONS]! += this.ring.drain(this.#onCqe);
     }
   }
 
