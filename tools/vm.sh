@@ -6,7 +6,7 @@
 #   tools/vm.sh test  [OPTIONS] [-- DENO-TEST-ARGS] the VM test tier (tests/vm/)
 #   tools/vm.sh bench [OPTIONS] [-- ARGS]           bench/bench.ts; /out -> bench/results
 #   tools/vm.sh demo  [OPTIONS] [-- ARGS]           tools/demo.ts
-#   tools/vm.sh shell [OPTIONS]                     busybox shell on the console
+#   tools/vm.sh shell [OPTIONS]                     a shell on the console (Ctrl-A X quits)
 #
 # OPTIONS:
 #   --out DIR        copy what the guest leaves in /out to DIR on the host
@@ -18,10 +18,15 @@
 # BLKSNAP_IN_VM=1 and BLKSNAP_OUT_DIR=/out).  BLKSNAP_VM_TESTS overrides the
 # test path for `test` (a path inside the guest, relative to /blksnap).
 # BLKSNAP_VM_VERBOSE=1 shows firmware/kernel boot output too.
+# Knobs for experiments: BLKSNAP_VM_QEMU (binary), BLKSNAP_VM_CPU (default max),
+# BLKSNAP_VM_ACCEL (default tcg,thread=multi), BLKSNAP_VM_BIOS=seabios,
+# BLKSNAP_VM_KARGS (extra kernel arguments), BLKSNAP_VM_KEEP=1 (keep the run
+# directory with console.log).
 #
 # Exit status: the guest command's status; 124 on timeout; 125 when the VM died
 # without reporting one (kernel panic, qemu failure).
 set -euo pipefail
+shopt -s extglob
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VM_DIR=$ROOT/tools/vm
@@ -41,7 +46,7 @@ die() {
 }
 usage() {
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
-  exit 2
+  exit "${1:-2}"
 }
 now() { echo "$EPOCHREALTIME"; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
@@ -56,7 +61,7 @@ parse_args() {
   (($#)) || usage
   MODE=$1
   shift
-  case $MODE in run | test | bench | demo | shell) ;; -h | --help | help) usage ;; *) die "unknown mode '$MODE'" ;; esac
+  case $MODE in run | test | bench | demo | shell) ;; -h | --help | help) usage 0 ;; *) die "unknown mode '$MODE'" ;; esac
   while (($#)); do
     case $1 in
       --out) OUT_DIR=${2:?--out needs a directory} && shift 2 ;;
@@ -70,8 +75,12 @@ parse_args() {
       --smp) SMP=${2:?} && shift 2 ;;
       --smp=*) SMP=${1#*=} && shift ;;
       --) shift && CMD=("$@") && break ;;
-      -h | --help) usage ;;
-      *) [[ $MODE == run ]] && CMD=("$@") && break || die "unexpected argument '$1'" ;;
+      -h | --help) usage 0 ;;
+      -*) die "unknown option '$1' (see --help)" ;;
+      *)
+        [[ $MODE == run ]] || die "unexpected argument '$1'"
+        CMD=("$@") && break
+        ;;
     esac
   done
   [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds"
@@ -88,12 +97,22 @@ parse_args() {
   esac
 }
 
+# The project's files, NUL-separated: tracked plus untracked-but-not-ignored,
+# as they are on disk now (so new files are in without a commit).
+project_files() {
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$ROOT" ls-files -z -co --exclude-standard
+  else
+    (cd "$ROOT" && find . -mindepth 1 \( -name .git -o -name .cache -o -name node_modules \) -prune \
+      -o ! -type d -printf '%P\0')
+  fi
+}
+
 # The per-run cpio: the project at /blksnap, /in, the command and environment.
 build_run_cpio() {
   local out=$1 stage=$RUN_DIR/stage f name
   mkdir -p "$stage/blksnap" "$stage/etc/blksnap"
-  # Tracked plus untracked-but-not-ignored files, as they are on disk now.
-  (cd "$ROOT" && git ls-files -z -co --exclude-standard) |
+  project_files |
     while IFS= read -r -d '' f; do
       [[ $f == .git/* || $f == .cache/* || $f == */.cache/* ]] && continue
       [[ -e $ROOT/$f || -L $ROOT/$f ]] && printf '%s\0' "$f"
@@ -117,13 +136,19 @@ build_run_cpio() {
 }
 
 qemu_cmd() {
-  QEMU=(
-    qemu-system-x86_64
+  local d datadirs=()
+  # QEMU comes from the cache (see setup.sh), with its own firmware files.
+  IFS=: read -ra datadirs <<<"${QEMU_DATADIRS:-}"
+  QEMU_ARGV=("${BLKSNAP_VM_QEMU:-$QEMU}")
+  for d in "${datadirs[@]}"; do QEMU_ARGV+=(-L "$d"); done
+  # qboot: a minimal firmware that boots -kernel faster than SeaBIOS.
+  [[ -f ${datadirs[0]:-}/qboot.rom && ${BLKSNAP_VM_BIOS:-qboot} == qboot ]] && QEMU_ARGV+=(-bios "${datadirs[0]}/qboot.rom")
+  QEMU_ARGV+=(
     -accel "${BLKSNAP_VM_ACCEL:-tcg,thread=multi}" -cpu "${BLKSNAP_VM_CPU:-max}" -smp "$SMP" -m "$MEM"
     -M "${BLKSNAP_VM_MACHINE:-pc}" -nodefaults -no-user-config -nographic -serial mon:stdio
     -no-reboot
     -kernel "$KERNEL_VMLINUZ" -initrd "$RUN_DIR/initrd.cpio"
-    -append "console=ttyS0 quiet panic=-1 oops=panic ${BLKSNAP_VM_KARGS:-}"
+    -append "console=ttyS0 $([[ ${BLKSNAP_VM_VERBOSE:-0} == 1 ]] || echo quiet) panic=-1 oops=panic ${BLKSNAP_VM_KARGS:-}"
   )
 }
 
@@ -157,9 +182,16 @@ console_filter() {
       *@@BLKSNAP-TEST-SUMMARY*) echo "$line" >"$RUN_DIR/test-summary" ;;
       *@@BLKSNAP-VM-EXIT=*@@)
         line=${line#*=} && echo "${line%@@}" >"$RUN_DIR/status"
-        state=done
+        state=finished
         ;;
-      *) [[ $state == run || $verbose == 1 ]] && printf '%s\n' "$line" ;;
+      *)
+        if [[ $state == run ]]; then
+          printf '%s\n' "$line"
+        elif [[ $verbose == 1 ]]; then
+          # Firmware output carries terminal resets/modes; keep them off the terminal.
+          printf '%s\n' "${line//$'\e'?(\[)*([0-9;?])[a-zA-Z]/}"
+        fi
+        ;;
     esac
   done
 }
@@ -181,6 +213,7 @@ extract_out() {
 }
 
 QPID=''
+# shellcheck disable=SC2317 # invoked from the EXIT trap
 cleanup() {
   if [[ -n $QPID ]] && kill -0 "$QPID" 2>/dev/null; then
     kill -TERM "$QPID" 2>/dev/null || true
@@ -196,7 +229,7 @@ boot_vm() {
   mkfifo "$RUN_DIR/console"
   t0=$(now)
   # timeout(1) forwards TERM/INT to qemu, so killing $QPID stops the VM.
-  timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null >"$RUN_DIR/console" 2>&1 &
+  timeout -k 10 "$TIMEOUT" "${QEMU_ARGV[@]}" </dev/null >"$RUN_DIR/console" 2>&1 &
   QPID=$!
   console_filter "$t0" <"$RUN_DIR/console" &
   fpid=$!
@@ -212,8 +245,10 @@ boot_vm() {
     VM_STATUS=$(<"$RUN_DIR/status")
   else
     log "the VM stopped without reporting an exit status (qemu exit $rc; kernel panic or qemu crash?)"
-    log "last console lines:"
-    tail -n 30 "$RUN_DIR/console.log" | sed 's/^/  | /' >&2
+    if ! grep -q '@@BLKSNAP-CMD-START' "$RUN_DIR/console.log"; then
+      log "last console lines (boot):"
+      tail -n 30 "$RUN_DIR/console.log" | sed 's/^/  | /' >&2
+    fi
     VM_STATUS=125
   fi
 }
@@ -266,7 +301,7 @@ main() {
   if [[ $MODE == shell ]]; then
     # Interactive: the console is the terminal; Ctrl-A X quits qemu.
     shell_status=0
-    "${QEMU[@]}" || shell_status=$?
+    "${QEMU_ARGV[@]}" || shell_status=$?
     exit "$shell_status"
   fi
 

@@ -3,13 +3,15 @@
 #
 # The base is an uncompressed newc cpio (the guest kernel unpacks it much faster
 # under TCG than it would decompress it) holding busybox, deno and its
-# libraries, liburing, e2fsprogs, util-linux tools, fio, dmsetup, the kernel
-# modules the tests need and /init.  The project tree and the command to run are
-# NOT in it: tools/vm.sh appends a small per-run cpio for those.
+# libraries, liburing, e2fsprogs, util-linux tools, fio, dmsetup, dash (as
+# /bin/sh) and bash, the kernel modules the tests need (decompressed, with their
+# dependencies, load order in /etc/blksnap/modules), /init and the uevent
+# helper.  The project tree and the command to run are NOT in it: tools/vm.sh
+# appends a small per-run cpio for those.
 #
 # It is cached under $BLKSNAP_CACHE/initramfs/ keyed by a hash of everything
-# that goes in (kernel, deno, host package versions, this script, /init), so it
-# is rebuilt only when one of those changes.
+# that goes in (kernel, deno, host package versions, this script, init,
+# hotplug), so it is rebuilt only when one of those changes.
 #
 # Needs the variables from $BLKSNAP_CACHE/env.sh (written by tools/setup.sh).
 set -euo pipefail
@@ -28,9 +30,10 @@ PROGRAMS=(
   fallocate sfdisk nsenter
   dmsetup
   dd
+  dash bash
 )
 # Host packages whose version is part of the cache key.
-KEY_PACKAGES=(busybox-static fio e2fsprogs util-linux mount fdisk dmsetup liburing2 libc6 coreutils)
+KEY_PACKAGES=(busybox-static fio e2fsprogs util-linux mount fdisk dmsetup liburing2 libc6 coreutils dash bash)
 LIBURING=/usr/lib/x86_64-linux-gnu/liburing.so.2
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -45,7 +48,7 @@ cache_key() {
     echo "deno $("$DENO" --version | head -n1)"
     dpkg-query -W "${KEY_PACKAGES[@]}" 2>/dev/null || true
     echo "modules ${MODULES[*]}"
-    sha256sum "$HERE/build-base.sh" "$HERE/init" | cut -d' ' -f1
+    sha256sum "$HERE/build-base.sh" "$HERE/init" "$HERE/hotplug" | cut -d' ' -f1
   } | sha256sum | cut -c1-16
 }
 
@@ -169,10 +172,14 @@ build() {
   [[ -e $LIBURING ]] || die "$LIBURING missing (package liburing2)"
   stage_file "$(readlink -f "$LIBURING")"
   ln -sfn "$(basename "$(readlink -f "$LIBURING")")" "$STAGE$LIBURING"
+  # /bin/sh must not be busybox: Debian's busybox sh prefers its own applets
+  # over $PATH, so `sh -c "losetup --show ..."` would get busybox's losetup.
+  ln -s dash "$STAGE/usr/bin/sh"
   stage_busybox
   stage_etc
   stage_modules
   install -m 0755 "$HERE/init" "$STAGE/init"
+  install -D -m 0755 "$HERE/hotplug" "$STAGE/usr/lib/blksnap/hotplug"
 
   (cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort |
     cpio -o -H newc -R 0:0 --reproducible --quiet) >"$out.tmp"
