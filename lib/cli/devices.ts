@@ -3,6 +3,7 @@
  */
 import { type Command, EXIT, noPositionals, requireString } from "./command.ts";
 import type { TrackedInfo } from "../daemon/daemon.ts";
+import type { QueueStats } from "../ublk/device.ts";
 
 export const attach: Command = {
   name: "attach",
@@ -55,7 +56,8 @@ interface StatusResult {
   startedAt: string;
   socket: string;
   ublkFeatures: string[];
-  devices: TrackedInfo[];
+  devices: Array<TrackedInfo & { queueStats: QueueStats[] }>;
+  foreignDevices: Array<{ ublkId: number; state: string; pid: number; pidAlive: boolean }>;
 }
 
 export const status: Command = {
@@ -83,8 +85,19 @@ the daemon: when none runs it says so and exits 0.`,
     ];
     if (s.devices.length === 0) lines.push("no tracked devices");
     else {
-      const rows = [["ORIGINAL", "TRACKED", "SIZE", "QUEUES", "BLOCK", "RECOVERY"]];
+      const rows = [[
+        "ORIGINAL",
+        "TRACKED",
+        "SIZE",
+        "QUEUES",
+        "BLOCK",
+        "RECOVERY",
+        "READ",
+        "WRITTEN",
+        "ERRORS",
+      ]];
       for (const d of s.devices) {
+        const total = (k: keyof QueueStats) => d.queueStats.reduce((a, q) => a + q[k], 0);
         rows.push([
           `${d.original} (${d.originalDevice})`,
           `${d.tracked} (${d.trackedDevice})`,
@@ -92,9 +105,18 @@ the daemon: when none runs it says so and exits 0.`,
           `${d.queues}x${d.queueDepth}`,
           `${d.logicalBlockSize}/${d.physicalBlockSize}`,
           d.userRecovery ? "yes" : "no",
+          formatBytes(total("bytesRead")),
+          formatBytes(total("bytesWritten")),
+          String(total("errors")),
         ]);
       }
       lines.push(...table(rows));
+    }
+    for (const f of s.foreignDevices) {
+      lines.push(
+        `warning: /dev/ublkb${f.ublkId} is not this daemon's: ${f.state}, server pid ${f.pid}` +
+          (f.pidAlive ? "" : " (gone)"),
+      );
     }
     ctx.print({ running: true, ...s }, lines.join("\n"));
     return EXIT.OK;

@@ -89,9 +89,46 @@ export class Daemon {
     };
   }
 
-  status() {
+  /**
+   * ublk devices this daemon did not make, e.g. left QUIESCED by a daemon that
+   * was killed: I/O to them blocks until they are recovered or removed.
+   */
+  async foreignDevices(): Promise<
+    Array<{ ublkId: number; state: string; pid: number; pidAlive: boolean }>
+  > {
+    const ours = new Set([...this.#tracked.values()].map((t) => t.info.ublkId));
+    const ids: number[] = [];
+    try {
+      for (const e of Deno.readDirSync("/sys/class/ublk-char")) {
+        const m = /^ublkc(\d+)$/.exec(e.name);
+        if (m && !ours.has(Number(m[1]))) ids.push(Number(m[1]));
+      }
+    } catch {
+      return [];
+    }
+    const out = [];
+    for (const id of ids.sort((a, b) => a - b)) {
+      try {
+        const info = await this.#ctrl.getDevInfo(id);
+        const state = ["dead", "live", "quiesced", "fail_io"][info.state] ?? `state ${info.state}`;
+        let pidAlive = false;
+        try {
+          pidAlive = info.ublksrvPid > 0 && Deno.statSync(`/proc/${info.ublksrvPid}`).isDirectory;
+        } catch {
+          pidAlive = false;
+        }
+        out.push({ ublkId: id, state, pid: info.ublksrvPid, pidAlive });
+      } catch {
+        // vanished meanwhile
+      }
+    }
+    return out;
+  }
+
+  async status() {
     return {
       ...this.version(),
+      foreignDevices: await this.foreignDevices(),
       startedAt: this.startedAt.toISOString(),
       socket: this.options.socketPath,
       params: this.options.params,

@@ -27,6 +27,17 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     throw err;
   }
   log(`pid ${Deno.pid} listening on ${opts.socketPath}`);
+  for (const f of await daemon.foreignDevices()) {
+    log(
+      `warning: ublk device ${f.ublkId} (${f.state}) belongs to ${
+        f.pidAlive ? `running process ${f.pid}` : `process ${f.pid}, which is gone`
+      }${
+        f.state === "quiesced"
+          ? "; I/O to /dev/ublkb" + f.ublkId + " blocks until it is recovered"
+          : ""
+      }`,
+    );
+  }
 
   let stopping: Promise<void> | undefined;
   const stop = (why: string) => {

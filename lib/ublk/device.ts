@@ -34,6 +34,8 @@ export interface QueueStats {
   bytesWritten: number;
   enters: number;
   completions: number;
+  enterMs: number;
+  handleMs: number;
 }
 
 const WORKER_URL = new URL("../../workers/queue_worker.ts", import.meta.url).href;
@@ -95,6 +97,8 @@ export class UblkDevice {
         bytesWritten: at(QUEUE_STATS.BYTES_WRITTEN),
         enters: at(QUEUE_STATS.ENTERS),
         completions: at(QUEUE_STATS.COMPLETIONS),
+        enterMs: at(QUEUE_STATS.ENTER_MS),
+        handleMs: at(QUEUE_STATS.HANDLE_MS),
       };
     });
   }

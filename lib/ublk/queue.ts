@@ -46,7 +46,7 @@ export interface QueueOptions {
  * Float64 slots [qId * STRIDE + field]; the queue is the only writer of its slots.
  */
 export const QUEUE_STATS = {
-  STRIDE: 10,
+  STRIDE: 12,
   REQUESTS: 0,
   READS: 1,
   WRITES: 2,
@@ -59,6 +59,10 @@ export const QUEUE_STATS = {
   ENTERS: 8,
   /** Completions handled. */
   COMPLETIONS: 9,
+  /** Milliseconds spent inside io_uring_enter (submitting, the kernel's work for it, and waiting). */
+  ENTER_MS: 10,
+  /** Milliseconds spent in JavaScript handling completions. */
+  HANDLE_MS: 11,
 } as const;
 
 const TAG_FETCHED = 1;
@@ -138,8 +142,7 @@ export class UblkQueue implements QueueContext {
     this.ring = new Ring(uring, libc, {
       entries,
       cqEntries: entries * 2,
-      flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER |
-        (Deno.env.get("BLKSNAP_EXP_DEFER") === "1" ? IORING_SETUP.DEFER_TASKRUN : 0),
+      flags: experimentFlags(),
     });
     this.#fetchOp = (opts.useIoctl ? UBLK_IO.FETCH_REQ.ioctl : UBLK_IO.FETCH_REQ.legacy) >>> 0;
     this.#commitOp =
@@ -167,10 +170,15 @@ export class UblkQueue implements QueueContext {
   /** Serves I/O until the device stops. */
   run(): void {
     const st = this.#stats;
+    let handled = performance.now();
     while (this.#ended < this.depth || this.#targetInflight > 0) {
       this.ring.submitAndWait(1);
+      const entered = performance.now();
       st[QUEUE_STATS.ENTERS]!++;
+      st[QUEUE_STATS.ENTER_MS]! += entered - handled;
       st[QUEUE_STATS.COMPLETIONS]! += this.ring.drain(this.#onCqe);
+      handled = performance.now();
+      st[QUEUE_STATS.HANDLE_MS]! += handled - entered;
     }
   }
 
@@ -274,5 +282,16 @@ export class UblkQueue implements QueueContext {
     ring.sqeU32[(cmd + IO_CMD.qId) >> 2] = (this.qId & 0xffff) | (tag << 16);
     ring.sqeI32[(cmd + IO_CMD.result) >> 2] = result;
     ring.setU64(cmd + IO_CMD.addr, this.#bufBase + tag * this.maxIoBufBytes);
+  }
+}
+
+function experimentFlags(): number {
+  switch (Deno.env.get("BLKSNAP_EXP_RING")) {
+    case "none":
+      return IORING_SETUP.SINGLE_ISSUER;
+    case "defer":
+      return IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER | IORING_SETUP.DEFER_TASKRUN;
+    default:
+      return IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER;
   }
 }

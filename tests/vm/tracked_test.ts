@@ -187,3 +187,44 @@ async function digest(data: Uint8Array): Promise<string> {
   const d = await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>);
   return [...new Uint8Array(d)].map((x) => x.toString(16).padStart(2, "0")).join("");
 }
+
+vmTest(
+  "a second daemon reports the first one's devices as foreign, and refuses its socket",
+  async () => {
+    const first = new Cli("first");
+    const second = new Cli("second");
+    const loop = await Loop.create(32);
+    try {
+      const tracked = await first.ok("attach", "--device", loop.path);
+      const id = Number(tracked.replace("/dev/ublkb", ""));
+      const st = await second.json<
+        { foreignDevices: Array<{ ublkId: number; state: string; pid: number; pidAlive: boolean }> }
+      >(
+        "status",
+      );
+      // status does not start a daemon; attach does, on the second socket.
+      assertEquals(st.foreignDevices ?? [], []);
+      const r = await second.run("attach", "--device", loop.path);
+      assertEquals(r.code, 1);
+      assertMatch(r.stderr, /in use/);
+      const st2 = await second.json<
+        { foreignDevices: Array<{ ublkId: number; state: string; pid: number; pidAlive: boolean }> }
+      >(
+        "status",
+      );
+      assertEquals(st2.foreignDevices, [{
+        ublkId: id,
+        state: "live",
+        pid: st2.foreignDevices[0]!.pid,
+        pidAlive: true,
+      }]);
+      const text = await second.ok("status");
+      assertMatch(text, new RegExp(`warning: /dev/ublkb${id} is not this daemon's: live`));
+    } finally {
+      await second.stopDaemon();
+      await first.stopDaemon();
+      await loop.destroy();
+    }
+    assertNoUblkDevices();
+  },
+);
