@@ -4,13 +4,16 @@
 import { type Command, EXIT, noPositionals, UsageError, type Values } from "./command.ts";
 import { runDaemon } from "../daemon/run.ts";
 import { DEFAULT_DAEMON_OPTIONS } from "../daemon/daemon.ts";
-import { PARAMETER_DEFAULTS, type ParameterName, type Parameters } from "../params.ts";
+import { DEFAULT_PARAMS, PARAM_SPECS, type Params, resolveParams } from "../engine/params.ts";
+import { BlksnapError } from "../engine/errors.ts";
 
 const PARAM_OPTIONS = Object.fromEntries(
-  Object.keys(PARAMETER_DEFAULTS).map((
-    name,
-  ) => [name.replaceAll("_", "-"), { type: "string" as const }]),
+  PARAM_SPECS.map((spec) => [spec.name.replaceAll("_", "-"), { type: "string" as const }]),
 );
+
+const PARAM_HELP = PARAM_SPECS.map((p) =>
+  `  --${p.name.replaceAll("_", "-")}=${DEFAULT_PARAMS[p.key]}\n      ${p.description}`
+).join("\n");
 
 export const daemon: Command = {
   name: "daemon",
@@ -27,12 +30,9 @@ export const daemon: Command = {
   }, 4..1024)
   --no-private-mounts     stay in the caller's mount namespace (not recommended)
 
-Parameters (the kernel module's, same defaults):
-${
-    Object.entries(PARAMETER_DEFAULTS).map(([k, v]) => `  --${k.replaceAll("_", "-")}=${v}`).join(
-      "\n",
-    )
-  }
+Parameters (the kernel module's, same defaults; cow-stall-timeout-ms is this
+program's copy-on-write watchdog):
+${PARAM_HELP}
 
 Other commands start the daemon when it is not running. It runs in a private
 mount namespace. SIGTERM or SIGINT removes every device it made and exits.
@@ -59,16 +59,22 @@ Needs root and the ublk_drv module (Linux 6.0 or later).`,
     if (ioBufferKib % 4 !== 0) {
       throw new UsageError("daemon: --io-buffer-kib must be a multiple of 4");
     }
-    const params: Parameters = { ...PARAMETER_DEFAULTS };
-    for (const name of Object.keys(PARAMETER_DEFAULTS) as ParameterName[]) {
-      params[name] = intOption(
-        values,
-        name.replaceAll("_", "-"),
-        PARAMETER_DEFAULTS[name],
-        0,
-        2 ** 53,
-      );
+    const overrides: Partial<Record<keyof Params, number>> = {};
+    for (const spec of PARAM_SPECS) {
+      const option = spec.name.replaceAll("_", "-");
+      if (values[option] !== undefined) {
+        overrides[spec.key] = intOption(values, option, 0, spec.minimum, spec.maximum);
+      }
     }
+    let resolved;
+    try {
+      resolved = resolveParams(overrides);
+    } catch (err) {
+      if (err instanceof BlksnapError) throw new UsageError(`daemon: ${err.message}`);
+      throw err;
+    }
+    for (const w of resolved.warnings) console.error(`blksnap: ${w}`);
+    const params = resolved.params;
     const logFile = values["log-file"];
     return await runDaemon({
         ...DEFAULT_DAEMON_OPTIONS,

@@ -8,7 +8,7 @@ import type { LiburingSymbols } from "../../ffi/liburing.ts";
 import { describeFeatures, UblkControl } from "../ublk/control.ts";
 import { UblkDevice } from "../ublk/device.ts";
 import { VERSION } from "../version.ts";
-import type { Parameters } from "../params.ts";
+import type { Params } from "../engine/params.ts";
 import {
   type BlockDeviceId,
   deviceKey,
@@ -22,7 +22,7 @@ import { PROTOCOL_VERSION } from "./protocol.ts";
 import { BlksnapError } from "../engine/errors.ts";
 
 export interface DaemonOptions {
-  params: Parameters;
+  params: Params;
   queues: number;
   queueDepth: number;
   maxIoBufBytes: number;

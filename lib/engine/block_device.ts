@@ -27,6 +27,11 @@ export interface BlockDevice {
   /** Logical block size in bytes (a multiple of 512); I/O is aligned to it by the caller. */
   readonly logicalBlockSize: number;
   /**
+   * Minimum I/O size in bytes (`bdev_io_min`: usually the physical block
+   * size, or a RAID chunk); a chunk is never smaller. Default: `logicalBlockSize`.
+   */
+  readonly minIoBytes?: number;
+  /**
    * Identity of the device, "MAJ:MIN" for real devices, any unique string for
    * stand-ins. It tells whether the difference storage lives on this device.
    */
@@ -53,11 +58,15 @@ export interface IoRequest {
 
 /**
  * Fault injection and delays for the stand-ins. `before` runs before every
- * I/O: it may await (to vary interleavings) or throw (to inject a fault,
- * for example `new BlksnapError("EIO", …)`); a throw fails that I/O.
+ * I/O (or piece of one, see `FileDeviceOptions.pieceSectors`): it may await
+ * (to vary interleavings) or throw (to inject a fault, for example
+ * `new BlksnapError("EIO", …)`); a throw fails that I/O. `after` runs once
+ * the data has moved and before the I/O completes, so that other I/O
+ * overtakes it; a throw fails the I/O although the data has moved.
  */
 export interface IoHooks {
   before?(request: IoRequest): void | Promise<void>;
+  after?(request: IoRequest): void | Promise<void>;
 }
 
 /** Asserts that `[sector, sector + count)` is a valid sector range within `sizeSectors`. */

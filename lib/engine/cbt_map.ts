@@ -5,8 +5,9 @@
  * take the block changed. Writes to the tracked device set the *write map*
  * to `snapNumberActive`; taking a snapshot copies the write map to the *read
  * map* (the frozen copy that `readcbtmap` returns, still readable after the
- * snapshot is destroyed) and advances the numbers. After 255 the numbering
- * starts again at 1 with zeroed maps and a new generation UUID.
+ * snapshot is destroyed) and advances the numbers. At the take that would
+ * make the active number 256, the module's `cbt_map_switch` starts a new
+ * generation instead: see {@linkcode CbtMap.switch}.
  *
  * ## Shared layout
  *
@@ -86,6 +87,10 @@ export function cbtGeometry(capacitySectors: number, params: Params): CbtGeometr
 function countByShift(capacitySectors: number, shift: number): number {
   const blockSectors = 2 ** (shift - SECTOR_SHIFT);
   return Math.ceil(capacitySectors / blockSectors);
+}
+
+function isWellFormed(sector: number, count: number): boolean {
+  return Number.isSafeInteger(sector) && Number.isSafeInteger(count) && sector >= 0 && count >= 0;
 }
 
 function align64(n: number): number {
@@ -212,17 +217,27 @@ export class CbtMap {
 
   /**
    * `cbt_map_set`: a write to the device changed `[sector, sector + count)`.
-   * A corrupted map is no longer maintained.
+   * A corrupted map is no longer maintained. A range past the end of the map
+   * (the device grew since the map was made) corrupts the map, as the module
+   * does; it never fails the write, and the next take resets the map. A
+   * malformed range (negative, fractional) is EINVAL.
    */
   mark(sector: number, count: number): void {
     if (this.isCorrupted || count === 0) return;
-    this.#checkRange(sector, count);
+    if (!isWellFormed(sector, count)) throw this.#outside(sector, count);
+    if (sector + count > this.capacitySectors) {
+      this.setCorrupted();
+      return;
+    }
     this.#set(this.#writeMap, sector, count, this.snapNumberActive);
   }
 
   /**
    * `cbt_map_set_both`: marks both maps, for writes to a snapshot image and
-   * for `markdirtyblock`, so that the next backup rereads these blocks.
+   * for `markdirtyblock`, so that the next backup rereads these blocks: the
+   * write map with the active number, the read map with the previous one.
+   * EINVAL when the map is corrupted or the range is past its end (the map
+   * is left as it is, as the module does).
    */
   markBoth(sector: number, count: number): void {
     if (this.isCorrupted) throw new BlksnapError("EINVAL", "The CBT map is corrupted");
@@ -233,24 +248,28 @@ export class CbtMap {
   }
 
   /**
-   * `cbt_map_switch`, at a take: the read map becomes a copy of the write
-   * map, previous takes the active number and active advances. Past 255 the
-   * active number starts again at 1, both maps are zeroed and a new
-   * generation UUID is made; previous becomes 0, so that blocks changed
-   * after this take (marked 1) are all "greater than" the reported number.
+   * `cbt_map_switch`, at a take: previous takes the active number and active
+   * advances, and the read map becomes a copy of the write map.
+   *
+   * At the take that would make active 256 the module (and so this) starts
+   * a new generation: previous becomes 255, active 1, the write map is
+   * zeroed and a new generation UUID is made — and the read map is *not*
+   * refreshed: it keeps the previous take's content, so the changes made
+   * since that take are missing from it. That is the module's behaviour,
+   * kept for compatibility; a backup tool sees the new generation id and
+   * must take a full backup. Marks of both maps after it (`markBoth`) set
+   * the read map to 255, the previous number.
    */
   switch(): void {
     const active = this.snapNumberActive;
     assert(active >= 1 && active <= 255, `Bad active snapshot number ${active}`);
+    Atomics.store(this.#words, W_PREVIOUS, active);
     if (active === 255) {
       this.#writeMap.fill(0);
-      this.#readMap.fill(0);
       uuidToBytes(crypto.randomUUID(), this.#uuid);
-      Atomics.store(this.#words, W_PREVIOUS, 0);
       Atomics.store(this.#words, W_ACTIVE, 1);
     } else {
       this.#readMap.set(this.#writeMap);
-      Atomics.store(this.#words, W_PREVIOUS, active);
       Atomics.store(this.#words, W_ACTIVE, active + 1);
     }
     Atomics.add(this.#words, W_SEQUENCE, 1);
@@ -296,15 +315,16 @@ export class CbtMap {
   }
 
   #checkRange(sector: number, count: number): void {
-    if (
-      !Number.isSafeInteger(sector) || !Number.isSafeInteger(count) || sector < 0 || count < 0 ||
-      sector + count > this.capacitySectors
-    ) {
-      throw new BlksnapError(
-        "EINVAL",
-        `Sector range ${sector}+${count} is outside the device of ${this.capacitySectors} sectors`,
-      );
+    if (!isWellFormed(sector, count) || sector + count > this.capacitySectors) {
+      throw this.#outside(sector, count);
     }
+  }
+
+  #outside(sector: number, count: number): BlksnapError {
+    return new BlksnapError(
+      "EINVAL",
+      `Sector range ${sector}+${count} is outside the CBT map of ${this.capacitySectors} sectors`,
+    );
   }
 
   #set(map: Uint8Array, sector: number, count: number, number: number): void {

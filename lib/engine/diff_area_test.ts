@@ -1,9 +1,9 @@
-import { assertEquals, assertErrno, assertTrue } from "./_assert.ts";
+import { assertEquals, assertErrno, assertRejects, assertTrue } from "./_assert.ts";
 import type { IoHooks } from "./block_device.ts";
 import { ChunkState } from "./chunk.ts";
 import { DiffArea } from "./diff_area.ts";
 import { DiffStorage } from "./diff_storage.ts";
-import { BlksnapError } from "./errors.ts";
+import { AssertionError, BlksnapError } from "./errors.ts";
 import { FileDevice } from "./file_device.ts";
 import { makeParams, type Params } from "./params.ts";
 import { filled, Gate, MemoryDiffStorageFile, Rng, tempDir, yieldTurns } from "./_test_util.ts";
@@ -26,6 +26,14 @@ async function setup(options: {
   queue?: number;
   limitSectors?: number;
   storageHooks?: IoHooks;
+  params?: Partial<Params>;
+  chunks?: number;
+  onCorrupted?: (code: number) => void;
+  /** Receives the diff area's and the storage's diagnostics. */
+  logs?: string[];
+  storageLog?: (message: string) => void;
+  /** Don't close the area at the end (its storage hangs for ever). */
+  leaveOpen?: boolean;
 } = {}): Promise<Setup> {
   const dir = await tempDir();
   const params = makeParams({
@@ -33,23 +41,31 @@ async function setup(options: {
     diffStorageMinimumSectors: 64,
     freeDiffBufferPoolSize: options.pool ?? 8,
     chunkMaximumInQueue: options.queue ?? 8,
+    ...options.params,
   });
-  const device = await FileDevice.open({ path: `${dir.path}/dev.img`, sizeBytes: 16 * CHUNK });
-  const original = new Rng(42).bytes(16 * CHUNK);
+  const chunks = options.chunks ?? 16;
+  const device = await FileDevice.open({
+    path: `${dir.path}/dev.img`,
+    sizeBytes: chunks * CHUNK,
+  });
+  const original = new Rng(42).bytes(chunks * CHUNK);
   await device.write(0, original);
   const file = new MemoryDiffStorageFile({ hooks: options.storageHooks ?? {} });
+  const logs = options.logs;
   const storage = await DiffStorage.open({
     path: "mem",
     limitSectors: options.limitSectors ?? 10_000,
     params,
     opener: () => Promise.resolve(file),
+    log: options.storageLog ?? ((message) => logs?.push(message)),
   });
   const corruptions: number[] = [];
   const area = new DiffArea({
     device,
     storage,
     params,
-    onCorrupted: (code) => corruptions.push(code),
+    onCorrupted: options.onCorrupted ?? ((code) => corruptions.push(code)),
+    log: (message) => logs?.push(message),
   });
   return {
     device,
@@ -60,8 +76,10 @@ async function setup(options: {
     original,
     corruptions,
     async [Symbol.asyncDispose]() {
-      await area.close();
-      await storage.close();
+      if (options.leaveOpen !== true) {
+        await area.close();
+        await storage.close();
+      }
       device.close();
       await dir[Symbol.asyncDispose]();
     },
@@ -293,4 +311,291 @@ Deno.test("DiffArea.close() releases waiting writers and refuses image I/O with 
   gate.open();
   await closing;
   assertEquals(s.area.buffers.inUse, 0);
+});
+
+// --- regressions ---------------------------------------------------------
+
+Deno.test("A failed image read rejects only once every part has ended: none writes into the buffer after", async () => {
+  await using s = await setup();
+  await writeOriginal(s, 0, filled(512, 1));
+  await s.area.settled();
+  assertEquals(s.area.chunks.state(0), ChunkState.STORED);
+  // chunk 0 fails at once (the storage read); chunk 1 is held reading the original
+  s.file.hooks = {
+    before(request) {
+      if (request.kind === "read") throw new BlksnapError("EIO", "injected");
+    },
+  };
+  const gate = new Gate();
+  s.device.hooks = { before: (request) => request.kind === "read" ? gate.wait() : undefined };
+  const buf = new Uint8Array(2 * CHUNK);
+  let settled = false;
+  const reading = s.area.readImage(0, buf).finally(() => settled = true);
+  await yieldTurns(3);
+  assertEquals(settled, false, "the read waits for its other part");
+  gate.open();
+  await assertErrno(() => reading, "EIO");
+  buf.fill(0xaa); // the caller reuses its buffer for the next request
+  await yieldTurns(3);
+  assertTrue(buf.every((b) => b === 0xaa), "nothing wrote into the buffer afterwards");
+});
+
+Deno.test("A failed image write keeps the area busy until every part ended; close() then succeeds", async () => {
+  await using s = await setup();
+  await writeOriginal(s, 0, filled(512, 1));
+  await s.area.settled();
+  s.file.hooks = {
+    before(request) {
+      if (request.kind === "write") throw new BlksnapError("EIO", "injected");
+    },
+  };
+  const gate = new Gate();
+  s.device.hooks = { before: (request) => request.kind === "read" ? gate.wait() : undefined };
+  // chunk 0 (STORED) fails at once; chunk 1 is claimed and held loading
+  const writing = s.area.writeImage(0, filled(CHUNK + 512, 0x77));
+  await yieldTurns(2);
+  const closing = s.area.close();
+  await yieldTurns(2);
+  gate.open();
+  await assertErrno(() => writing, "EIO");
+  await closing; // asserted "A claim outlived the diff area" before
+  assertEquals(s.area.buffers.inUse, 0);
+});
+
+Deno.test("An assertion in image I/O stays an AssertionError, not EIO", async () => {
+  await using s = await setup();
+  s.device.hooks = {
+    before() {
+      throw new AssertionError("a bug below");
+    },
+  };
+  await assertRejects(() => image(s, 0, CHUNK), AssertionError, "a bug below");
+  s.device.hooks = {};
+});
+
+Deno.test("A corruption callback that throws fails neither the copy-on-write nor the corruption", async () => {
+  const logs: string[] = [];
+  await using s = await setup({
+    logs,
+    onCorrupted() {
+      throw new Deno.errors.BrokenPipe("stderr is closed");
+    },
+  });
+  s.device.hooks = {
+    before(request) {
+      if (request.kind === "read") throw new BlksnapError("EIO", "bad sector");
+    },
+  };
+  await s.area.cow(0, 1); // rejected with BrokenPipe before
+  assertEquals(s.area.errorCode, -5);
+  assertTrue(logs.some((line) => line.includes("stderr is closed")), logs.join("\n"));
+  s.device.hooks = {};
+});
+
+Deno.test("A storage log that throws while the storer allocates crashes nothing and strands no chunk", async () => {
+  // limit of one portion: at half full the storage "cannot grow" and logs, inside allocate()
+  await using s = await setup({
+    limitSectors: 64,
+    storageLog(message) {
+      throw new Deno.errors.BrokenPipe(`log: ${message}`);
+    },
+  });
+  for (let n = 0; n < 10; n++) await s.area.cow(n * CHUNK_SECTORS, 1);
+  await s.area.settled();
+  assertEquals(s.area.backgroundError, null);
+  assertEquals(s.area.chunks.countByState(), { STORED: 8, FAILED: 1 });
+  assertEquals(s.area.errorCode, -28);
+  assertEquals(s.area.buffers.inUse, 0);
+});
+
+Deno.test("Taking a chunk off the store queue wakes a writer waiting for room", async () => {
+  const growth = new Gate();
+  const writes = new Gate();
+  let allocations = 0;
+  let holdWrites = false;
+  await using s = await setup({
+    pool: 8,
+    queue: 1,
+    chunks: 32,
+    storageHooks: {
+      async before(request) {
+        if (request.kind === "allocate" && ++allocations > 1) await growth.wait();
+        if (request.kind === "write" && holdWrites) await writes.wait();
+      },
+    },
+  });
+  for (let n = 0; n < 15; n++) await s.area.cow(n * CHUNK_SECTORS, 1);
+  await yieldTurns(3);
+  holdWrites = true;
+  await s.area.cow(15 * CHUNK_SECTORS, 1); // A: the last extent; its write is held
+  for (const n of [16, 17, 18]) await s.area.cow(n * CHUNK_SECTORS, 1); // their stores wait for the growth
+  await s.area.cow(19 * CHUNK_SECTORS, 1); // E: in the queue (bound 1)
+  let done = false;
+  const waiting = s.area.cow(20 * CHUNK_SECTORS, 1).then(() => done = true); // F: waits for room
+  try {
+    await yieldTurns(3);
+    assertEquals(done, false);
+    writes.open(); // A is stored: E leaves the queue for the storer, room for F
+    await yieldTurns(10);
+    assertEquals(done, true, "F was left waiting with an empty queue and free buffers");
+  } finally {
+    growth.open();
+    writes.open();
+  }
+  await waiting;
+});
+
+Deno.test("Writers waiting for room are served in arrival order, one per freed room", async () => {
+  const gates = [new Gate(), new Gate(), new Gate(), new Gate(), new Gate(), new Gate()];
+  let stores = 0;
+  await using s = await setup({
+    pool: 2,
+    storageHooks: {
+      async before(request) {
+        if (request.kind === "write") await gates[stores++]!.wait();
+      },
+    },
+  });
+  const order: number[] = [];
+  const writes = [0, 1, 2, 3, 4, 5].map((n) =>
+    s.area.cow(n * CHUNK_SECTORS, 1).then(() => order.push(n))
+  );
+  await yieldTurns(3);
+  assertEquals(order, [0, 1]);
+  assertEquals(s.area.roomWaiters, 4);
+  for (let i = 0; i < 4; i++) {
+    gates[i]!.open(); // one store ends: exactly one buffer frees
+    await yieldTurns(3);
+    assertEquals(order, [0, 1, 2, 3, 4, 5].slice(0, i + 3));
+    assertEquals(s.area.roomWaiters, 3 - i);
+  }
+  for (const gate of gates) gate.open();
+  await Promise.all(writes);
+});
+
+Deno.test("The stall watchdog: a hung difference storage corrupts the snapshot (-EIO), writes go on", async () => {
+  const logs: string[] = [];
+  const hang = new Promise<void>(() => {}); // the storage never answers
+  await using s = await setup({
+    pool: 4,
+    queue: 3,
+    params: { cowStallTimeoutMs: 50 },
+    logs,
+    leaveOpen: true,
+    storageHooks: { before: (request) => request.kind === "write" ? hang : undefined },
+  });
+  const start = performance.now();
+  const written = s.original.slice();
+  await Promise.all([0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map(async (n) => {
+    const data = filled(512, n + 1);
+    await writeOriginal(s, n * CHUNK_SECTORS, data);
+    written.set(data, n * CHUNK);
+  }));
+  const elapsedMs = performance.now() - start;
+  assertTrue(elapsedMs < 50 + 1000, `the writes took ${elapsedMs.toFixed(0)} ms`);
+  assertEquals(s.area.errorCode, -5);
+  assertEquals(s.corruptions, [-5]);
+  assertTrue(logs.some((line) => line.includes("stalled")), logs.join("\n"));
+  const onDisk = new Uint8Array(16 * CHUNK);
+  s.device.readSync(0, onDisk);
+  assertEquals(onDisk, written, "the original holds exactly what was written");
+  await assertErrno(() => image(s), "EIO");
+  assertEquals(s.area.roomWaiters, 0);
+});
+
+Deno.test("The stall watchdog: a growth that never ends corrupts the snapshot with -ENOSPC", async () => {
+  const hang = new Promise<void>(() => {});
+  let allocations = 0;
+  await using s = await setup({
+    pool: 4,
+    queue: 3,
+    chunks: 32,
+    params: { cowStallTimeoutMs: 50 },
+    leaveOpen: true,
+    storageHooks: {
+      before: (request) => request.kind === "allocate" && ++allocations > 1 ? hang : undefined,
+    },
+  });
+  // 16 extents fit before the growth; 4 stores then wait for it and hold the
+  // 4 buffers, so the writes after them wait for room
+  const start = performance.now();
+  for (let n = 0; n < 24; n++) await writeOriginal(s, n * CHUNK_SECTORS, filled(512, 9));
+  assertTrue(performance.now() - start < 50 + 1000);
+  assertEquals(s.area.errorCode, -28);
+  await yieldTurns(1);
+  assertEquals(s.storage.isOverflowed, true);
+});
+
+Deno.test("Slow stores that keep progressing never trip the stall watchdog", async () => {
+  await using s = await setup({
+    pool: 2,
+    queue: 1,
+    params: { cowStallTimeoutMs: 40 },
+    storageHooks: {
+      before: (request) =>
+        request.kind === "write" ? new Promise((resolve) => setTimeout(resolve, 15)) : undefined,
+    },
+  });
+  // 16 stores of 15 ms one after another: writers wait far longer than 40 ms in all
+  await Promise.all(
+    Array.from({ length: 16 }, (_, n) => writeOriginal(s, n * CHUNK_SECTORS, filled(512, 1))),
+  );
+  await s.area.settled();
+  assertEquals(s.area.errorCode, 0);
+  assertEquals(await image(s), s.original);
+});
+
+Deno.test("The chunk is never smaller than the device's minimum I/O size (bdev_io_min)", async () => {
+  await using dir = await tempDir();
+  using device = await FileDevice.open({
+    path: `${dir.path}/dev.img`,
+    sizeBytes: 1 << 20,
+    minIoBytes: 65536,
+  });
+  const params = makeParams({ chunkMinimumShift: 12, diffStorageMinimumSectors: 1024 });
+  const storage = await DiffStorage.open({
+    path: "mem",
+    limitSectors: 4096,
+    params,
+    opener: () => Promise.resolve(new MemoryDiffStorageFile()),
+  });
+  const area = new DiffArea({ device, storage, params });
+  assertEquals(area.geometry.chunkShift, 16);
+  await area.close();
+  await storage.close();
+});
+
+Deno.test("An unexpected error in the storer corrupts the snapshot instead of crashing the process", async () => {
+  const logs: string[] = [];
+  await using s = await setup({
+    logs,
+    leaveOpen: true, // the chunk the bug left STORING keeps its buffer: close() would assert
+    storageHooks: {
+      before(request) {
+        if (request.kind === "write") throw new AssertionError("a bug in the storage layer");
+      },
+    },
+  });
+  await writeOriginal(s, 0, filled(512, 1));
+  await yieldTurns(2); // an unhandled rejection would fail the test here
+  assertEquals(s.area.errorCode, -5);
+  assertTrue(s.area.backgroundError instanceof AssertionError);
+  assertTrue(logs.some((line) => line.includes("a bug in the storage layer")), logs.join("\n"));
+  await writeOriginal(s, CHUNK_SECTORS, filled(512, 2)); // writes go on
+});
+
+Deno.test("An image read of a chunk dropped by close() fails with ENODEV, not EIO", async () => {
+  await using s = await setup();
+  const gate = new Gate();
+  s.device.hooks = { before: (request) => request.kind === "read" ? gate.wait() : undefined };
+  const copying = s.area.cow(0, 1); // chunk 0 LOADING, held
+  await yieldTurns(1);
+  const reading = s.area.readImage(0, new Uint8Array(512)); // waits for the load
+  await yieldTurns(1);
+  const closing = s.area.close(); // the loaded chunk will be dropped (FAILED)
+  gate.open();
+  await copying;
+  await assertErrno(() => reading, "ENODEV");
+  await closing;
+  assertEquals(s.area.errorCode, 0);
 });

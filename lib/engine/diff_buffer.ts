@@ -52,6 +52,8 @@ export class DiffBufferPool {
   readonly #controlShared: SharedArrayBuffer;
   readonly #control: Int32Array;
   readonly #taken: Uint8Array;
+  /** One view per buffer made, so that handing a buffer out allocates nothing. */
+  readonly #views: Uint8Array[] = [];
 
   constructor(options: DiffBufferPoolOptions) {
     const { bufferBytes, maximumBuffers } = options;
@@ -102,6 +104,7 @@ export class DiffBufferPool {
       const made = this.#control[W_MADE]!;
       if (made === this.maximumBuffers) return -1;
       this.#shared.grow((made + 1) * this.bufferBytes);
+      this.#views.push(new Uint8Array(this.#shared, made * this.bufferBytes, this.bufferBytes));
       this.#control[W_MADE] = made + 1;
       index = made;
     }
@@ -124,10 +127,14 @@ export class DiffBufferPool {
     this.#control[W_FREE] = free + 1;
   }
 
-  /** The first `lengthBytes` bytes of buffer `index` (default: all of it). */
+  /**
+   * The first `lengthBytes` bytes of buffer `index` (default: all of it);
+   * the whole buffer's view is made once and handed out again.
+   */
   view(index: number, lengthBytes: number = this.bufferBytes): Uint8Array {
     assert(this.#taken[index] === 1, `Buffer ${index} is not taken`);
     assert(lengthBytes <= this.bufferBytes, "View past the buffer");
-    return new Uint8Array(this.#shared, index * this.bufferBytes, lengthBytes);
+    const view = this.#views[index]!;
+    return lengthBytes === this.bufferBytes ? view : view.subarray(0, lengthBytes);
   }
 }

@@ -1,4 +1,4 @@
-import { assertEquals, assertThrows } from "./_assert.ts";
+import { assertEquals, assertThrows, assertTrue } from "./_assert.ts";
 import { DiffBufferPool } from "./diff_buffer.ts";
 import { AssertionError } from "./errors.ts";
 
@@ -41,4 +41,13 @@ Deno.test("DiffBufferPool asserts a double release and views of free buffers", (
   assertThrows(() => pool.release(a), AssertionError, "released twice");
   assertThrows(() => pool.view(a), AssertionError, "not taken");
   assertThrows(() => pool.release(5), AssertionError);
+});
+
+Deno.test("DiffBufferPool.view() hands out one view per buffer, made once", () => {
+  const pool = new DiffBufferPool({ bufferBytes: 4096, maximumBuffers: 2 });
+  const index = pool.take();
+  const view = pool.view(index);
+  assertTrue(pool.view(index) === view, "no new Uint8Array per call");
+  assertEquals(pool.view(index, 512).length, 512);
+  assertTrue(pool.view(index, 512).buffer === view.buffer);
 });

@@ -12,7 +12,14 @@
  * corrupted with ENOSPC. Extents are handed out up to the size requested
  * (capacity plus the growth under way), as the module does; a request that
  * does not fit while the file is growing waits for the growth rather than
- * overflowing, which the module would do.
+ * overflowing, which the module would do. That wait is bounded: when a
+ * growth has made no progress for `cow_stall_timeout_ms` while an
+ * allocation waits for it, the storage gives up on it — it overflows, a
+ * `no_space` event is raised, and the waiting allocations get -1, so the
+ * snapshot is corrupted with ENOSPC instead of stalling copy-on-write.
+ *
+ * The `log` and `onEvent` callbacks are isolated: one that throws is
+ * reported to the other (or dropped) and never fails an allocation.
  *
  * The file I/O is behind {@linkcode DiffStorageFile}, opened by an injectable
  * {@linkcode DiffStorageOpener}. {@linkcode openDiffStorageFile} is the
@@ -247,12 +254,20 @@ export class DiffStorage {
   #growthFailed = false;
   #overflowed = false;
   #growth: Promise<void> | null = null;
+  /** Allocations waiting for the growth under way. */
+  #growthWaiters: (() => void)[] = [];
+  /** When the last growth ended, or the first allocation began to wait for one. */
+  #lastGrowthMs = 0;
+  #growthWaitSinceMs = 0;
+  #watchdog: ReturnType<typeof setTimeout> | undefined;
+  readonly #stallTimeoutMs: number;
   #closed = false;
 
   private constructor(file: DiffStorageFile, options: DiffStorageOptions) {
     this.file = file;
     this.limitSectors = options.limitSectors;
     this.#minimumSectors = options.params.diffStorageMinimumSectors;
+    this.#stallTimeoutMs = options.params.cowStallTimeoutMs;
     this.#onEvent = options.onEvent ?? (() => {});
     this.#log = options.log ?? (() => {});
     this.#capacitySectors = Math.floor(file.sizeBytes / SECTOR_SIZE);
@@ -291,7 +306,7 @@ export class DiffStorage {
       );
     }
     if (this.file.kind === "blockdev") {
-      this.#log(`The difference storage device "${this.file.path}" is not large enough`);
+      this.#say(`The difference storage device "${this.file.path}" is not large enough`);
       return;
     }
     const target = this.#capacitySectors +
@@ -324,12 +339,17 @@ export class DiffStorage {
   get isOverflowed(): boolean {
     return this.#overflowed;
   }
+  /** When a growth last ended (`performance.now()`), 0 if none: progress, for watchdogs. */
+  get lastGrowthMs(): number {
+    return this.#lastGrowthMs;
+  }
 
   /**
    * `diff_storage_alloc`: hands out `countSectors` and resolves to their
    * sector offset, or to -1 when there is no room (then and from then on:
    * the caller marks its snapshot corrupted with ENOSPC). A request that
-   * does not fit while the storage is growing waits for the growth.
+   * does not fit while the storage is growing waits for the growth, or
+   * until the growth is found stalled.
    */
   async allocate(countSectors: number): Promise<number> {
     assert(Number.isSafeInteger(countSectors) && countSectors > 0, "Bad extent size");
@@ -342,12 +362,19 @@ export class DiffStorage {
         return offset;
       }
       if (this.#growth !== null) {
-        await this.#growth;
+        // woken when the growth ends, the storage closes or the watchdog gives up
+        await new Promise<void>((resolve) => {
+          if (this.#growthWaiters.length === 0) {
+            this.#growthWaitSinceMs = performance.now();
+            this.#armWatchdog(this.#stallTimeoutMs);
+          }
+          this.#growthWaiters.push(resolve);
+        });
       } else if (this.#canGrow()) {
         this.#startGrowth();
       } else {
         this.#overflowed = true;
-        this.#log(`The difference storage "${this.file.path}" overflowed`);
+        this.#say(`The difference storage "${this.file.path}" overflowed`);
         return -1;
       }
     }
@@ -367,13 +394,22 @@ export class DiffStorage {
 
   /** Resolves once no growth is under way. */
   async settled(): Promise<void> {
-    while (this.#growth !== null) await this.#growth;
+    while (this.#growth !== null) {
+      const growth = this.#growth;
+      await growth;
+      assert(this.#growth !== growth, "A growth that ended is still under way");
+    }
   }
 
-  /** Waits for a growth under way, then closes the storage. */
+  /**
+   * Fails waiting allocations, waits for a growth under way (a hung one
+   * holds the close, as the kernel would wait for its I/O), then closes
+   * the storage.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#wakeGrowthWaiters();
     await this.settled();
     await this.file.close();
   }
@@ -404,8 +440,8 @@ export class DiffStorage {
       this.#startGrowth();
       return;
     }
-    this.#log(`The difference storage "${this.file.path}" cannot grow`);
-    this.#onEvent({ code: "no_space", timeMs: Date.now(), requestedSectors: this.#minimumSectors });
+    this.#say(`The difference storage "${this.file.path}" cannot grow`);
+    this.#emit({ code: "no_space", timeMs: Date.now(), requestedSectors: this.#minimumSectors });
   }
 
   #startGrowth(): void {
@@ -415,13 +451,26 @@ export class DiffStorage {
       this.#minimumSectors,
       this.limitSectors - this.#requestedSectors,
     );
-    this.#growth = this.#grow();
+    this.#growth = this.#grow().catch((error) => {
+      // a bug, but in the background: give the space up rather than crash
+      this.#overflowed = true;
+      this.#growthFailed = true;
+      this.#say(`Growing "${this.file.path}" failed unexpectedly: ${messageOf(error)}`);
+      this.#wakeGrowthWaiters();
+    });
   }
 
-  /** `diff_storage_reallocate_work`: grows to the requested size in the background. */
+  /**
+   * `diff_storage_reallocate_work`: grows to the requested size in the
+   * background. Rejects only for a bug (an assertion).
+   */
   async #grow(): Promise<void> {
+    // Not a step before #startGrowth has published this promise: a growth
+    // that ended synchronously (an allocate that throws at once) would leave
+    // its settled promise in #growth for ever, and waiters spinning on it.
+    await Promise.resolve();
     try {
-      while (!this.#closed) {
+      while (!this.#closed && !this.#overflowed) {
         const target = this.#requestedSectors;
         try {
           await this.file.allocate(target * SECTOR_SIZE);
@@ -430,8 +479,8 @@ export class DiffStorage {
           // overflow and the snapshot is corrupted with ENOSPC.
           this.#requestedSectors = Math.max(this.#capacitySectors, this.#filledSectors);
           this.#growthFailed = true;
-          this.#log(`Failed to grow "${this.file.path}": ${(error as Error).message}`);
-          this.#onEvent({
+          this.#say(`Failed to grow "${this.file.path}": ${messageOf(error)}`);
+          this.#emit({
             code: "no_space",
             timeMs: Date.now(),
             requestedSectors: target - this.#capacitySectors,
@@ -445,11 +494,77 @@ export class DiffStorage {
     } finally {
       // In the same turn as the last step, so that no check sees one without the other.
       this.#growth = null;
-      if (!this.#growthFailed && !this.#closed) {
+      this.#lastGrowthMs = performance.now();
+      if (!this.#growthFailed && !this.#closed && !this.#overflowed) {
         this.#lowSpace = false;
         // Space handed out during the growth may already leave less than half a portion.
         this.#checkHalfFull(this.#requestedSectors - this.#filledSectors);
       }
+      this.#wakeGrowthWaiters();
     }
   }
+
+  #wakeGrowthWaiters(): void {
+    this.#stopWatchdog();
+    const waiters = this.#growthWaiters;
+    this.#growthWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  #armWatchdog(delayMs: number): void {
+    if (this.#watchdog !== undefined) return;
+    this.#watchdog = setTimeout(() => this.#checkStall(), delayMs);
+  }
+
+  #stopWatchdog(): void {
+    if (this.#watchdog === undefined) return;
+    clearTimeout(this.#watchdog);
+    this.#watchdog = undefined;
+  }
+
+  /** Allocations wait for a growth: give it up when it made no progress for the timeout. */
+  #checkStall(): void {
+    this.#watchdog = undefined;
+    if (this.#growthWaiters.length === 0 || this.#growth === null) return;
+    const idleMs = performance.now() - Math.max(this.#growthWaitSinceMs, this.#lastGrowthMs);
+    if (idleMs < this.#stallTimeoutMs) {
+      this.#armWatchdog(Math.max(1, Math.ceil(this.#stallTimeoutMs - idleMs)));
+      return;
+    }
+    // Hand out nothing more: the snapshot is corrupted with ENOSPC by its users.
+    this.#overflowed = true;
+    this.#growthFailed = true;
+    this.#say(
+      `Growing "${this.file.path}" made no progress for ${Math.round(idleMs)} ms: ` +
+        `the difference storage is given up as full`,
+    );
+    this.#emit({
+      code: "no_space",
+      timeMs: Date.now(),
+      requestedSectors: this.#requestedSectors - this.#capacitySectors,
+    });
+    this.#wakeGrowthWaiters();
+  }
+
+  /** Logs; a log that throws is dropped. */
+  #say(message: string): void {
+    try {
+      this.#log(message);
+    } catch {
+      // nowhere left to report it
+    }
+  }
+
+  /** Raises an event; an event callback that throws is logged. */
+  #emit(event: SnapshotEvent): void {
+    try {
+      this.#onEvent(event);
+    } catch (error) {
+      this.#say(`The ${event.code} event callback failed: ${messageOf(error)}`);
+    }
+  }
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? `${error.name}: ${error.message}` : String(error);
 }

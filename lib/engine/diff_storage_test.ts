@@ -183,3 +183,133 @@ Deno.test("An extent that does not fit while the storage grows waits for the gro
   assertEquals(storage.capacitySectors, 192);
   await storage.close();
 });
+
+Deno.test("A growth whose fallocate throws synchronously ends: allocate() overflows, never spins", async () => {
+  // The livelock spins in microtasks, so no timer could stop it here: run it
+  // in a worker and give up on the worker after a while.
+  const source = `
+    import { DiffStorage } from "${new URL("./diff_storage.ts", import.meta.url)}";
+    import { BlksnapError } from "${new URL("./errors.ts", import.meta.url)}";
+    import { makeParams } from "${new URL("./params.ts", import.meta.url)}";
+    let size = 0;
+    let growths = 0;
+    const file = {
+      kind: "file", path: "sync", deviceId: "0:1",
+      get sizeBytes() { return size; },
+      read: () => Promise.resolve(), write: () => Promise.resolve(),
+      // e.g. an FFI fallocate wrapper that throws before returning a promise
+      allocate(length) {
+        if (growths++ > 0) throw new BlksnapError("ENOSPC", "synchronous ENOSPC");
+        size = length;
+        return Promise.resolve();
+      },
+      close: () => Promise.resolve(),
+    };
+    const params = makeParams({ chunkMinimumShift: 12, diffStorageMinimumSectors: 64 });
+    const storage = await DiffStorage.open({
+      path: "sync", limitSectors: 10000, params, opener: () => Promise.resolve(file),
+    });
+    const offsets = [];
+    for (let i = 0; i < 9; i++) offsets.push(await storage.allocate(8));
+    await storage.close();
+    postMessage(offsets);
+  `;
+  const url = URL.createObjectURL(new Blob([source], { type: "application/javascript" }));
+  const worker = new Worker(url, { type: "module" });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const offsets = await new Promise((resolve, reject) => {
+      worker.onmessage = (event) => resolve(event.data);
+      worker.onerror = (event) => {
+        event.preventDefault();
+        reject(new Error(event.message));
+      };
+      timer = setTimeout(() => reject(new Error("allocate() livelocked")), 10_000);
+    });
+    assertEquals(offsets, [0, 8, 16, 24, 32, 40, 48, 56, -1]);
+  } finally {
+    clearTimeout(timer);
+    worker.terminate();
+    URL.revokeObjectURL(url);
+  }
+});
+
+Deno.test("Callbacks that throw never fail an allocation: a log's failure is dropped, an event's logged", async () => {
+  const logs: string[] = [];
+  const throwingLog = await DiffStorage.open({
+    path: "mem",
+    limitSectors: 64,
+    params,
+    opener: () => Promise.resolve(new MemoryDiffStorageFile()),
+    log() {
+      throw new Deno.errors.BrokenPipe("stderr is closed");
+    },
+  });
+  for (let i = 0; i < 8; i++) assertEquals(await throwingLog.allocate(8), i * 8);
+  assertEquals(await throwingLog.allocate(8), -1);
+  await throwingLog.close();
+  const throwingEvent = await DiffStorage.open({
+    path: "mem",
+    limitSectors: 64,
+    params,
+    opener: () => Promise.resolve(new MemoryDiffStorageFile()),
+    log: (message) => logs.push(message),
+    onEvent() {
+      throw new Error("event queue gone");
+    },
+  });
+  for (let i = 0; i < 8; i++) assertEquals(await throwingEvent.allocate(8), i * 8);
+  assertTrue(logs.some((line) => line.includes("event queue gone")), logs.join("\n"));
+  await throwingEvent.close();
+});
+
+Deno.test("An allocation waiting for a growth that makes no progress overflows after cow_stall_timeout_ms", async () => {
+  const stalled = makeParams({
+    chunkMinimumShift: 12,
+    diffStorageMinimumSectors: 64,
+    cowStallTimeoutMs: 30,
+  });
+  const gate = new Gate();
+  const file = new MemoryDiffStorageFile();
+  const events: SnapshotEvent[] = [];
+  const storage = await DiffStorage.open({
+    path: "mem",
+    limitSectors: 1000,
+    params: stalled,
+    opener: () => Promise.resolve(file),
+    onEvent: (event) => events.push(event),
+  });
+  file.hooks = { before: (request) => request.kind === "allocate" ? gate.wait() : undefined };
+  for (let i = 0; i < 16; i++) assertEquals(await storage.allocate(8), i * 8);
+  const start = performance.now();
+  assertEquals(await storage.allocate(8), -1, "gives the growth up");
+  const waitedMs = performance.now() - start;
+  assertTrue(waitedMs >= 25 && waitedMs < 1000, `waited ${waitedMs.toFixed(0)} ms`);
+  assertEquals(storage.isOverflowed, true);
+  assertEquals(events.map((event) => event.code), ["no_space"]);
+  assertEquals(await storage.allocate(8), -1, "and from then on");
+  gate.open();
+  await storage.close();
+});
+
+Deno.test("A slow growth that ends within cow_stall_timeout_ms is waited for", async () => {
+  const slow = makeParams({
+    chunkMinimumShift: 12,
+    diffStorageMinimumSectors: 64,
+    cowStallTimeoutMs: 200,
+  });
+  const file = new MemoryDiffStorageFile();
+  const storage = await DiffStorage.open({
+    path: "mem",
+    limitSectors: 1000,
+    params: slow,
+    opener: () => Promise.resolve(file),
+  });
+  file.hooks = {
+    before: (request) =>
+      request.kind === "allocate" ? new Promise((resolve) => setTimeout(resolve, 20)) : undefined,
+  };
+  for (let i = 0; i < 40; i++) assertEquals(await storage.allocate(8), i * 8);
+  assertEquals(storage.isOverflowed, false);
+  await storage.close();
+});

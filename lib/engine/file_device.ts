@@ -3,9 +3,11 @@
  * hooks to delay I/O by random amounts or to inject faults.
  *
  * Deno has no positional read/write, so the I/O itself is a synchronous
- * seek + read/write done in one JS turn (atomic with respect to other
- * operations); the asynchrony, and so the variety of interleavings, comes
- * from {@linkcode IoHooks.before}, which runs first and may await.
+ * seek + read/write done in one JS turn; the asynchrony, and so the variety
+ * of interleavings, comes from the hooks, which run before and after it and
+ * may await. With `pieceSectors` an I/O is done in pieces, each between its
+ * own hooks, so that overlapping reads and writes really are in flight at
+ * once: a read may see part of a concurrent write, as on a real device.
  *
  * @module
  */
@@ -15,6 +17,7 @@ import {
   assertSectorRange,
   type BlockDevice,
   type IoHooks,
+  type IoKind,
   type IoRequest,
   SECTOR_SIZE,
 } from "./block_device.ts";
@@ -55,8 +58,12 @@ export interface FileDeviceOptions {
   readonly deviceId?: string;
   /** Default 512. */
   readonly logicalBlockSize?: number;
+  /** `bdev_io_min`; default: the logical block size. */
+  readonly minIoBytes?: number;
   /** Delays and faults. */
   readonly hooks?: IoHooks;
+  /** Does each read, write and discard in pieces of at most this many sectors. */
+  readonly pieceSectors?: number;
 }
 
 /** Counters of the I/O a {@linkcode FileDevice} has performed. */
@@ -73,6 +80,7 @@ export interface FileDeviceStats {
 export class FileDevice implements BlockDevice {
   readonly sizeSectors: number;
   readonly logicalBlockSize: number;
+  readonly minIoBytes: number;
   readonly deviceId: string;
   readonly path: string;
   /** Replaceable at any time by tests. */
@@ -86,6 +94,7 @@ export class FileDevice implements BlockDevice {
     bytesWritten: 0,
   };
   #file: Deno.FsFile | null;
+  readonly #pieceBytes: number;
 
   private constructor(
     file: Deno.FsFile,
@@ -95,6 +104,8 @@ export class FileDevice implements BlockDevice {
     this.path = options.path;
     this.sizeSectors = options.sizeBytes / SECTOR_SIZE;
     this.logicalBlockSize = options.logicalBlockSize ?? SECTOR_SIZE;
+    this.minIoBytes = options.minIoBytes ?? this.logicalBlockSize;
+    this.#pieceBytes = (options.pieceSectors ?? Infinity) * SECTOR_SIZE;
     this.deviceId = options.deviceId ?? `file:${options.path}`;
     this.hooks = options.hooks ?? {};
   }
@@ -120,6 +131,13 @@ export class FileDevice implements BlockDevice {
         logicalBlockSize >= SECTOR_SIZE && logicalBlockSize % SECTOR_SIZE === 0,
         `Bad logical block size ${logicalBlockSize}`,
       );
+      const minIoBytes = options.minIoBytes ?? logicalBlockSize;
+      assert(
+        minIoBytes >= logicalBlockSize && minIoBytes % logicalBlockSize === 0,
+        `Bad minimum I/O size ${minIoBytes}`,
+      );
+      const pieceSectors = options.pieceSectors ?? 1;
+      assert(Number.isSafeInteger(pieceSectors) && pieceSectors > 0, "Bad piece size");
       return new FileDevice(file, { ...options, sizeBytes });
     } catch (error) {
       file.close();
@@ -134,12 +152,9 @@ export class FileDevice implements BlockDevice {
   async read(sector: number, buf: Uint8Array): Promise<void> {
     assertSectorBuffer(buf);
     assertSectorRange(sector, buf.length / SECTOR_SIZE, this.sizeSectors);
-    await this.#before({
-      kind: "read",
-      offsetBytes: sector * SECTOR_SIZE,
-      lengthBytes: buf.length,
+    await this.#pieces("read", sector * SECTOR_SIZE, buf.length, (at, from, to) => {
+      preadSync(this.#open(), buf.subarray(from, to), at);
     });
-    preadSync(this.#open(), buf, sector * SECTOR_SIZE);
     this.stats.reads++;
     this.stats.bytesRead += buf.length;
   }
@@ -147,31 +162,24 @@ export class FileDevice implements BlockDevice {
   async write(sector: number, buf: Uint8Array): Promise<void> {
     assertSectorBuffer(buf);
     assertSectorRange(sector, buf.length / SECTOR_SIZE, this.sizeSectors);
-    await this.#before({
-      kind: "write",
-      offsetBytes: sector * SECTOR_SIZE,
-      lengthBytes: buf.length,
+    await this.#pieces("write", sector * SECTOR_SIZE, buf.length, (at, from, to) => {
+      pwriteSync(this.#open(), buf.subarray(from, to), at);
     });
-    pwriteSync(this.#open(), buf, sector * SECTOR_SIZE);
     this.stats.writes++;
     this.stats.bytesWritten += buf.length;
   }
 
   async flush(): Promise<void> {
-    await this.#before({ kind: "flush", offsetBytes: 0, lengthBytes: 0 });
-    this.#open().syncDataSync();
+    await this.#pieces("flush", 0, 0, () => this.#open().syncDataSync());
     this.stats.flushes++;
   }
 
   /** Zero-fills the range: deterministic content keeps model tests exact. */
   async discard(sector: number, count: number): Promise<void> {
     assertSectorRange(sector, count, this.sizeSectors);
-    await this.#before({
-      kind: "discard",
-      offsetBytes: sector * SECTOR_SIZE,
-      lengthBytes: count * SECTOR_SIZE,
+    await this.#pieces("discard", sector * SECTOR_SIZE, count * SECTOR_SIZE, (at, from, to) => {
+      pwriteSync(this.#open(), new Uint8Array(to - from), at);
     });
-    pwriteSync(this.#open(), new Uint8Array(count * SECTOR_SIZE), sector * SECTOR_SIZE);
     this.stats.discards++;
   }
 
@@ -195,12 +203,30 @@ export class FileDevice implements BlockDevice {
     return this.#file;
   }
 
-  async #before(request: IoRequest): Promise<void> {
+  /** Runs `move` over `[offsetBytes, +lengthBytes)` piece by piece, each between its hooks. */
+  async #pieces(
+    kind: IoKind,
+    offsetBytes: number,
+    lengthBytes: number,
+    move: (atBytes: number, from: number, to: number) => void,
+  ): Promise<void> {
+    let done = 0;
+    do {
+      const to = Math.min(lengthBytes, done + this.#pieceBytes);
+      const request = { kind, offsetBytes: offsetBytes + done, lengthBytes: to - done };
+      await this.#hook("before", request);
+      move(offsetBytes + done, done, to);
+      await this.#hook("after", request);
+      done = to;
+    } while (done < lengthBytes);
+  }
+
+  async #hook(which: "before" | "after", request: IoRequest): Promise<void> {
     this.#open();
-    const before = this.hooks.before;
-    if (before === undefined) return;
+    const hook = this.hooks[which];
+    if (hook === undefined) return;
     try {
-      await before(request);
+      await hook.call(this.hooks, request);
     } catch (error) {
       throw toBlksnapError(error, `${request.kind} of "${this.path}"`);
     }

@@ -1,7 +1,7 @@
 import { assertEquals, assertErrno } from "./_assert.ts";
 import { BlksnapError } from "./errors.ts";
 import { FileDevice } from "./file_device.ts";
-import { filled, Gate, tempDir } from "./_test_util.ts";
+import { filled, Gate, tempDir, yieldTurns } from "./_test_util.ts";
 
 Deno.test("FileDevice writes and reads sectors of its file", async () => {
   await using dir = await tempDir();
@@ -52,4 +52,50 @@ Deno.test("FileDevice refuses I/O once closed", async () => {
   const device = await FileDevice.open({ path: `${dir.path}/dev.img`, sizeBytes: 4096 });
   device.close();
   await assertErrno(() => device.read(0, new Uint8Array(512)), "ENODEV");
+});
+
+Deno.test("FileDevice in pieces: a read overlapping a write in flight sees part of it", async () => {
+  await using dir = await tempDir();
+  const gate = new Gate();
+  const seen: string[] = [];
+  using device = await FileDevice.open({
+    path: `${dir.path}/dev.img`,
+    sizeBytes: 8192,
+    pieceSectors: 2,
+    hooks: {
+      async before(request) {
+        seen.push(`${request.kind}@${request.offsetBytes}+${request.lengthBytes}`);
+        if (request.kind === "write" && request.offsetBytes === 1024) await gate.wait();
+      },
+      after: () => Promise.resolve(),
+    },
+  });
+  const writing = device.write(0, filled(4096, 7)); // held after its first piece
+  await yieldTurns(1);
+  const out = new Uint8Array(4096);
+  await device.read(0, out);
+  assertEquals(out.subarray(0, 1024), filled(1024, 7), "the piece written");
+  assertEquals(out.subarray(1024), new Uint8Array(3072), "the pieces not yet written");
+  gate.open();
+  await writing;
+  assertEquals(seen.slice(0, 2), ["write@0+1024", "write@1024+1024"]);
+  assertEquals(device.stats.writes, 1, "one write, in four pieces");
+});
+
+Deno.test("FileDevice runs the after hook once the data moved, before the I/O completes", async () => {
+  await using dir = await tempDir();
+  const gate = new Gate();
+  using device = await FileDevice.open({
+    path: `${dir.path}/dev.img`,
+    sizeBytes: 4096,
+    hooks: { after: (request) => request.kind === "write" ? gate.wait() : undefined },
+  });
+  let done = false;
+  const writing = device.write(0, filled(512, 3)).then(() => done = true);
+  await yieldTurns(1);
+  const now = new Uint8Array(512);
+  device.readSync(0, now);
+  assertEquals([now[0], done], [3, false]);
+  gate.open();
+  await writing;
 });

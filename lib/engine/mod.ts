@@ -40,10 +40,14 @@ export {
 export {
   type ChunkGeometry,
   chunkGeometry,
+  chunkHash,
   ChunkState,
   chunkStateName,
   ChunkTable,
+  type ChunkTableOptions,
   isLegalTransition,
+  MAXIMUM_RECORDS,
+  SEGMENT_SLOTS,
 } from "./chunk.ts";
 export {
   DiffArea,

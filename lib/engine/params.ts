@@ -29,6 +29,18 @@ export interface Params {
   readonly freeDiffBufferPoolSize: number;
   /** Portion by which the difference storage file grows, in sectors. */
   readonly diffStorageMinimumSectors: number;
+  /**
+   * The copy-on-write watchdog (not a module parameter: the kernel has no
+   * bound either). The buffer pool, the store queue and an allocation that
+   * waits for the difference storage to grow are hard throttles, so a hung
+   * difference storage would stall writes to the original for ever
+   * (invariant 3). When writers have waited for room, or an allocation has
+   * waited for a growth, this long with no progress at all (no chunk stored,
+   * no growth finished), the snapshot is marked corrupted — -EIO for stuck
+   * stores, -ENOSPC for a stuck growth — which releases every waiter and
+   * lets writes through. Memory stays bounded; the snapshot is lost instead.
+   */
+  readonly cowStallTimeoutMs: number;
 }
 
 /** The kernel module's defaults. */
@@ -42,6 +54,7 @@ export const DEFAULT_PARAMS: Params = Object.freeze({
   chunkMaximumInQueue: 16,
   freeDiffBufferPoolSize: 128,
   diffStorageMinimumSectors: 2097152,
+  cowStallTimeoutMs: 30000,
 });
 
 /** A parameter's kernel name, its key in {@linkcode Params} and its bounds. */
@@ -53,7 +66,7 @@ export interface ParamSpec {
   readonly description: string;
 }
 
-/** Every parameter, in the kernel module's order. */
+/** Every parameter, in the kernel module's order, then the engine's own. */
 export const PARAM_SPECS: readonly ParamSpec[] = Object.freeze([
   {
     name: "tracking_block_minimum_shift",
@@ -117,6 +130,14 @@ export const PARAM_SPECS: readonly ParamSpec[] = Object.freeze([
     minimum: 1,
     maximum: 2 ** 40,
     description: "The minimum allowable size of the difference storage in sectors",
+  },
+  {
+    name: "cow_stall_timeout_ms",
+    key: "cowStallTimeoutMs",
+    minimum: 1,
+    maximum: 2 ** 31 - 1,
+    description:
+      "Milliseconds writers may wait for room, or an allocation for a growth, with no progress before the snapshot is corrupted",
   },
 ]);
 

@@ -1,7 +1,7 @@
 import { assertEquals, assertErrno } from "./_assert.ts";
 import { DEFAULT_PARAMS, makeParams, PARAM_SPECS, resolveParams } from "./params.ts";
 
-Deno.test("DEFAULT_PARAMS are the kernel module's defaults", () => {
+Deno.test("DEFAULT_PARAMS are the kernel module's defaults, then the stall watchdog's 30 s", () => {
   assertEquals(DEFAULT_PARAMS, {
     trackingBlockMinimumShift: 16,
     trackingBlockMaximumCount: 2097152,
@@ -12,6 +12,7 @@ Deno.test("DEFAULT_PARAMS are the kernel module's defaults", () => {
     chunkMaximumInQueue: 16,
     freeDiffBufferPoolSize: 128,
     diffStorageMinimumSectors: 2097152,
+    cowStallTimeoutMs: 30000,
   });
   assertEquals(PARAM_SPECS.map((spec) => spec.name), [
     "tracking_block_minimum_shift",
@@ -23,6 +24,7 @@ Deno.test("DEFAULT_PARAMS are the kernel module's defaults", () => {
     "chunk_maximum_in_queue",
     "free_diff_buffer_pool_size",
     "diff_storage_minimum",
+    "cow_stall_timeout_ms",
   ]);
 });
 
@@ -30,6 +32,7 @@ Deno.test("resolveParams() rejects out-of-range and fractional values with EINVA
   await assertErrno(() => resolveParams({ chunkMaximumInQueue: 0 }), "EINVAL");
   await assertErrno(() => resolveParams({ trackingBlockMinimumShift: 8 }), "EINVAL");
   await assertErrno(() => resolveParams({ freeDiffBufferPoolSize: 1.5 }), "EINVAL");
+  await assertErrno(() => resolveParams({ cowStallTimeoutMs: 0 }), "EINVAL");
 });
 
 Deno.test("resolveParams() fixes values the way parameters_init does", () => {

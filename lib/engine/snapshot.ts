@@ -77,7 +77,15 @@ export class Snapshots {
   constructor(options: SnapshotsOptions) {
     this.params = options.params;
     this.#opener = options.opener;
-    this.#log = options.log ?? (() => {});
+    const log = options.log ?? (() => {});
+    // A log that throws (stderr closed…) must not fail a take, a destroy or a write.
+    this.#log = (message) => {
+      try {
+        log(message);
+      } catch {
+        // dropped: there is no other place to say it
+      }
+    };
   }
 
   /** `snapshot_create`: opens the difference storage; returns the new snapshot's UUID. */
@@ -153,14 +161,15 @@ export class Snapshots {
           device: tracker.device,
           storage: snapshot.storage,
           params: this.params,
+          log: this.#log,
           onCorrupted: (errorCode) => {
-            this.#log(`Snapshot ${id} of "${tracker.deviceId}" is corrupted: ${errorCode}`);
             snapshot.events.push({
               code: "corrupted",
               timeMs: Date.now(),
               deviceId: tracker.deviceId,
               errorCode: -errorCode,
             });
+            this.#log(`Snapshot ${id} of "${tracker.deviceId}" is corrupted: ${errorCode}`);
           },
         })
       );
@@ -185,7 +194,9 @@ export class Snapshots {
 
   /**
    * `snapshot_destroy`: the images go, copy-on-write stops, the difference
-   * storage is closed (an unnamed one disappears). CBT maps stay.
+   * storage is closed (an unnamed one disappears). CBT maps stay. I/O still
+   * in flight on the difference storage is waited for, even after the stall
+   * watchdog gave up on it: a storage that never answers holds the destroy.
    */
   destroy(id: string): Promise<void> {
     return this.#serialised(async () => {

@@ -260,7 +260,7 @@ Deno.test("Snapshots.waitEvent() times out with null and reports an overflow as 
   assertEquals(files[0]!.closed, true);
 });
 
-Deno.test("After 255 takes a device's CBT map starts a new generation at 1", async () => {
+Deno.test("At the 255th take a device's CBT map starts a new generation, as the module's does", async () => {
   await using w = await world(1);
   const tracker = w.trackers[0]!;
   const snapshots = new Snapshots({
@@ -280,10 +280,43 @@ Deno.test("After 255 takes a device's CBT map starts a new generation at 1", asy
     await snapshots.destroy(id);
   }
   const info = tracker.cbtInfo();
-  assertEquals(info.changesNumber, 0);
+  // previous 255, active 1, a new generation: a backup tool must take a full backup
+  assertEquals(info.changesNumber, 255);
   assertTrue(info.generationId !== generation);
   assertEquals(tracker.cbtMap.snapNumberActive, 1);
-  assertEquals([...tracker.readCbtMap(0, 16)], new Array(16).fill(0));
+  // the read map is the 254th take's, not refreshed at the wrap: the write
+  // after the 253rd take (marked 254) is in it, the one after the 254th
+  // (marked 255) is not, only the block's older change (239)
+  const read = [...tracker.readCbtMap(0, 16)];
+  assertEquals(read[253 % 16], 254);
+  assertEquals(read[254 % 16], 239);
   // the write after the 255th take is marked 1 in the new generation
   assertEquals(tracker.cbtMap.writeMap[255 % 16], 1);
+  // markdirtyblock after the wrap marks the read map with previous, 255
+  tracker.markDirty([{ sector: 0, count: 1 }]);
+  assertEquals(tracker.readCbtMap(0, 1)[0], 255);
+});
+
+Deno.test("A log that throws fails no write to the original and loses no event", async () => {
+  await using w = await world(1);
+  const tracker = w.trackers[0]!;
+  const snapshots = new Snapshots({
+    params,
+    opener: () => Promise.resolve(new MemoryDiffStorageFile({ deviceId: "8:1" })),
+    log() {
+      throw new Deno.errors.BrokenPipe("stderr is closed");
+    },
+  });
+  const id = await snapshots.create({ diffStoragePath: "mem", limitSectors: 16 });
+  await snapshots.addDevice(id, tracker);
+  await snapshots.take(id, {
+    freeze: () => Promise.reject(new Error("no freeze")), // logged: the log throws too
+  });
+  await tracker.write(0, filled(SIZE, 9)); // overflows: logs and events on the way
+  await tracker.diffArea!.settled();
+  assertEquals(contents(w.devices[0]!), filled(SIZE, 9));
+  const codes = [await snapshots.waitEvent(id, 0), await snapshots.waitEvent(id, 0)]
+    .map((event) => event?.code).sort();
+  assertEquals(codes, ["corrupted", "no_space"]);
+  await snapshots.destroy(id);
 });

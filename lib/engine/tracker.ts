@@ -17,7 +17,9 @@
  *
  * ({@linkcode Tracker.write} and {@linkcode Tracker.discard} do exactly that.)
  * `beforeWrite` never rejects because of the snapshot machinery: a failure
- * corrupts the snapshot and lets the write through (invariant 3). It rejects
+ * corrupts the snapshot and lets the write through (invariant 3), and a CBT
+ * map out of step with the device (it grew since the last take) is marked
+ * corrupted, as `cbt_map_set` does, and reset at the next take. It rejects
  * only for a range outside the device (EINVAL).
  *
  * The count of writes between `beforeWrite` and `endWrite` lets a take
@@ -174,14 +176,21 @@ export class Tracker {
 
   /**
    * Writes the snapshot image. Both CBT maps are marked so that the next
-   * backup rereads these blocks, as `snapimage_submit_bio` does.
+   * backup rereads these blocks, as `snapimage_submit_bio` does; like it,
+   * a CBT map that cannot be marked (corrupted, or out of step with a
+   * resized device) does not fail the write. A range outside the device is
+   * EINVAL before anything happens.
    */
   writeImage(sector: number, buf: Uint8Array): Promise<void> {
     const diffArea = this.#image();
     assertSectorBuffer(buf);
+    this.#checkRange(sector, buf.length / SECTOR_SIZE);
     if (!diffArea.isCorrupted) {
-      this.#checkRange(sector, buf.length / SECTOR_SIZE);
-      this.cbtMap.markBoth(sector, buf.length / SECTOR_SIZE);
+      try {
+        this.cbtMap.markBoth(sector, buf.length / SECTOR_SIZE);
+      } catch (error) {
+        if (!(error instanceof BlksnapError)) throw error;
+      }
     }
     return diffArea.writeImage(sector, buf);
   }

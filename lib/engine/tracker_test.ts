@@ -1,4 +1,5 @@
-import { assertEquals, assertErrno, assertThrows } from "./_assert.ts";
+import { assertEquals, assertErrno, assertThrows, assertTrue } from "./_assert.ts";
+import type { BlockDevice } from "./block_device.ts";
 import { DiffArea } from "./diff_area.ts";
 import { DiffStorage } from "./diff_storage.ts";
 import { AssertionError } from "./errors.ts";
@@ -139,6 +140,72 @@ Deno.test("Tracker.takeSnapshot() requires quiesced writes and resets a corrupte
     assertEquals(tracker.cbtMap.isCorrupted, false);
     assertEquals(tracker.cbtMap.snapNumberActive, 2);
     assertEquals(tracker.cbtMap.generationId !== generation, true);
+    await tracker.releaseSnapshot();
+  });
+});
+
+/** A device whose size can change under the tracker, as an extended original's does. */
+class ResizableDevice implements BlockDevice {
+  sizeSectors: number;
+  readonly logicalBlockSize = 512;
+  readonly deviceId = "resizable";
+  readonly #inner: FileDevice;
+
+  constructor(inner: FileDevice) {
+    this.#inner = inner;
+    this.sizeSectors = inner.sizeSectors;
+  }
+  read(sector: number, buf: Uint8Array): Promise<void> {
+    return this.#inner.read(sector, buf);
+  }
+  write(sector: number, buf: Uint8Array): Promise<void> {
+    return this.#inner.write(sector, buf);
+  }
+  flush(): Promise<void> {
+    return this.#inner.flush();
+  }
+  discard(sector: number, count: number): Promise<void> {
+    return this.#inner.discard(sector, count);
+  }
+}
+
+Deno.test("A write past the CBT map of a grown device goes through and corrupts the map", async () => {
+  await using dir = await tempDir();
+  using file = await FileDevice.open({ path: `${dir.path}/dev.img`, sizeBytes: 2 * 65536 });
+  const device = new ResizableDevice(file);
+  device.sizeSectors = 128; // the tracker starts on 64 KiB
+  const tracker = new Tracker({ device, params });
+  await take(tracker);
+  device.sizeSectors = 256; // the original was extended
+  await tracker.write(200, filled(4096, 7));
+  const onDisk = new Uint8Array(4096);
+  file.readSync(200, onDisk);
+  assertEquals(onDisk, filled(4096, 7), "the write reached the original");
+  assertTrue(tracker.cbtMap.isCorrupted);
+  assertEquals(tracker.snapshotInfo().errorCode, 0, "the snapshot is not hurt");
+  // image writes do not fail either, though the map cannot be marked
+  await tracker.writeImage(8, filled(512, 1));
+  // outside the device is still EINVAL, before any I/O
+  const writes = file.stats.writes;
+  await assertErrno(() => tracker.write(256, filled(512, 1)), "EINVAL");
+  await assertErrno(() => tracker.writeImage(255, filled(1024, 1)), "EINVAL");
+  assertEquals(file.stats.writes, writes);
+  await tracker.releaseSnapshot();
+  // the next take makes a map of the new size and a new generation
+  await take(tracker);
+  assertEquals(tracker.cbtMap.isCorrupted, false);
+  assertEquals(tracker.cbtMap.capacitySectors, 256);
+  await tracker.releaseSnapshot();
+});
+
+Deno.test("Tracker.writeImage() succeeds although the CBT map is corrupted (the module ignores it)", async () => {
+  await withTracker(async (tracker) => {
+    await take(tracker);
+    tracker.cbtMap.setCorrupted();
+    await tracker.writeImage(8, filled(512, 3));
+    const out = new Uint8Array(512);
+    await tracker.readImage(8, out);
+    assertEquals(out, filled(512, 3));
     await tracker.releaseSnapshot();
   });
 });
