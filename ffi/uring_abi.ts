@@ -23,6 +23,9 @@ export const IORING_SETUP = {
   DEFER_TASKRUN: 0x2000,
 } as const;
 
+/** SQE flags. */
+export const IOSQE = { FIXED_FILE: 1, IO_DRAIN: 2, IO_LINK: 4, IO_HARDLINK: 8, ASYNC: 16 } as const;
+
 export const IORING_FSYNC_DATASYNC = 1;
 export const RWF_DSYNC = 0x2;
 

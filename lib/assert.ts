@@ -2,6 +2,10 @@
  * Invariant checks. A failed assertion is a bug in this program, never an
  * operating error: it throws an AssertionError that nobody should catch and
  * turn into a reply.
+ *
+ * On hot paths keep the message a constant: a template literal is built on
+ * every call. Where the message needs values, write
+ * `if (!cond) unreachable(\`... ${value}\`)`.
  */
 export class AssertionError extends Error {
   constructor(message: string) {

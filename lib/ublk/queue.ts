@@ -15,7 +15,7 @@
 import type { Libc } from "../../ffi/libc.ts";
 import { PR_SET_IO_FLUSHER, PROT } from "../../ffi/libc.ts";
 import type { LiburingSymbols } from "../../ffi/liburing.ts";
-import { IORING_OP, IORING_SETUP, SQE } from "../../ffi/uring_abi.ts";
+import { IORING_OP, IORING_SETUP, IOSQE, SQE } from "../../ffi/uring_abi.ts";
 import {
   IO_CMD,
   IO_DESC,
@@ -26,7 +26,7 @@ import {
 } from "../../ffi/ublk_abi.ts";
 import { addressOf, Ring } from "../uring/ring.ts";
 import { packUserData, UD_KIND, udKind, udSub, udTag } from "../uring/user_data.ts";
-import { assert } from "../assert.ts";
+import { assert, unreachable } from "../assert.ts";
 import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "./target.ts";
 
 export interface QueueOptions {
@@ -39,6 +39,8 @@ export interface QueueOptions {
   useIoctl: boolean;
   /** Per-queue counters shared with the daemon (QUEUE_STATS layout). */
   stats: SharedArrayBuffer;
+  /** The target's files (e.g. the original), registered with the ring after /dev/ublkcN. */
+  targetFds: number[];
 }
 
 /**
@@ -76,8 +78,12 @@ export class UblkQueue implements QueueContext {
   readonly qId: number;
   readonly depth: number;
   readonly maxIoBufBytes: number;
+  readonly fileFlags: number;
 
   readonly #libc: Libc;
+  /** SQE fd of /dev/ublkcN and of the target's files: fixed-file indexes, or the fds. */
+  readonly #charFile: number;
+  readonly #targetFiles: number[];
   readonly #opts: QueueOptions;
   readonly #target: UblkTarget;
   readonly #desc: Uint32Array;
@@ -142,12 +148,30 @@ export class UblkQueue implements QueueContext {
     this.ring = new Ring(uring, libc, {
       entries,
       cqEntries: entries * 2,
-      flags: experimentFlags(),
+      // DEFER_TASKRUN measured no better here, and with it a queue thread that
+      // stops entering the ring wedges STOP_DEV (research/ublk.md §0.7).
+      flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER,
     });
+    // Fixed files spare the kernel an fd lookup and refcount per SQE (a few
+    // microseconds per request under emulation); plain fds where registration fails.
+    let fixed = true;
+    try {
+      this.ring.registerFiles([opts.charFd, ...opts.targetFds]);
+      this.ring.registerRingFd();
+    } catch {
+      fixed = false;
+    }
+    this.fileFlags = fixed ? IOSQE.FIXED_FILE : 0;
+    this.#charFile = fixed ? 0 : opts.charFd;
+    this.#targetFiles = fixed ? opts.targetFds.map((_, i) => i + 1) : [...opts.targetFds];
     this.#fetchOp = (opts.useIoctl ? UBLK_IO.FETCH_REQ.ioctl : UBLK_IO.FETCH_REQ.legacy) >>> 0;
     this.#commitOp =
       (opts.useIoctl ? UBLK_IO.COMMIT_AND_FETCH_REQ.ioctl : UBLK_IO.COMMIT_AND_FETCH_REQ.legacy) >>>
       0;
+  }
+
+  targetFile(i: number): number {
+    return this.#targetFiles[i]!;
   }
 
   buffer(tag: number): Uint8Array {
@@ -193,10 +217,10 @@ export class UblkQueue implements QueueContext {
     const kind = udKind(userData);
     const tag = udTag(userData);
     if (kind === UD_KIND.UBLK_CMD) {
-      assert(
-        tag < this.depth && this.#tagState[tag] === TAG_FETCHED,
-        `ublk CQE for tag ${tag} not fetched`,
-      );
+      // Messages with values are built only on failure: the hot path allocates nothing.
+      if (tag >= this.depth || this.#tagState[tag] !== TAG_FETCHED) {
+        unreachable(`ublk CQE for tag ${tag} not fetched`);
+      }
       if (res < 0) {
         // -ENODEV after STOP_DEV; anything else also ends the tag (the kernel refused it).
         if (res !== UBLK_IO_RES_ABORT) {
@@ -211,11 +235,11 @@ export class UblkQueue implements QueueContext {
       this.#count();
       this.#finish(tag, this.#target.start(this, this.#req));
     } else if (kind === UD_KIND.TARGET_IO) {
-      assert(this.#tagState[tag] === TAG_SERVING, `target completion for idle tag ${tag}`);
+      if (this.#tagState[tag] !== TAG_SERVING) unreachable(`target completion for idle tag ${tag}`);
       this.#targetInflight--;
       this.#finish(tag, this.#target.onCompletion(this, tag, udSub(userData), res));
     } else {
-      assert(false, `unexpected completion kind ${kind} on queue ${this.qId}`);
+      unreachable(`completion kind ${kind} on queue ${this.qId}`);
     }
   }
 
@@ -275,23 +299,13 @@ export class UblkQueue implements QueueContext {
     const ring = this.ring;
     const off = ring.sqe();
     ring.sqeU8[off + SQE.opcode] = IORING_OP.URING_CMD;
-    ring.sqeI32[(off + SQE.fd) >> 2] = this.#opts.charFd;
+    ring.sqeU8[off + SQE.flags] = this.fileFlags;
+    ring.sqeI32[(off + SQE.fd) >> 2] = this.#charFile;
     ring.sqeU32[(off + SQE.cmdOp) >> 2] = cmdOp;
     ring.sqeU32[(off + SQE.userData) >> 2] = packUserData(UD_KIND.UBLK_CMD, tag);
     const cmd = off + SQE.cmd;
     ring.sqeU32[(cmd + IO_CMD.qId) >> 2] = (this.qId & 0xffff) | (tag << 16);
     ring.sqeI32[(cmd + IO_CMD.result) >> 2] = result;
     ring.setU64(cmd + IO_CMD.addr, this.#bufBase + tag * this.maxIoBufBytes);
-  }
-}
-
-function experimentFlags(): number {
-  switch (Deno.env.get("BLKSNAP_EXP_RING")) {
-    case "none":
-      return IORING_SETUP.SINGLE_ISSUER;
-    case "defer":
-      return IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER | IORING_SETUP.DEFER_TASKRUN;
-    default:
-      return IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER;
   }
 }

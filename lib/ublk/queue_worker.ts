@@ -27,10 +27,10 @@ export type QueueWorkerReport =
   | { type: "exited"; qId: number; served: number }
   | { type: "fatal"; qId: number; message: string };
 
-function makeTarget(spec: TargetSpec, depth: number): UblkTarget {
+function makeTarget(spec: TargetSpec, depth: number): { target: UblkTarget; fds: number[] } {
   switch (spec.kind) {
     case "passthrough":
-      return new PassthroughTarget(spec.originalFd, depth);
+      return { target: new PassthroughTarget(depth), fds: [spec.originalFd] };
   }
 }
 
@@ -44,7 +44,8 @@ export function runQueueWorker(self: Worker): void {
     try {
       const libc = openLibc();
       const uring = openLiburing();
-      queue = new UblkQueue(libc, uring.symbols, init, makeTarget(init.target, init.depth));
+      const { target, fds } = makeTarget(init.target, init.depth);
+      queue = new UblkQueue(libc, uring.symbols, { ...init, targetFds: fds }, target);
       queue.fetchAll();
       post({ type: "ready", qId: init.qId, tid: libc.sym.gettid() });
       queue.run();

@@ -34,6 +34,14 @@ export interface QueueContext {
   buffer(tag: number): Uint8Array;
   /** Targets call this for every TARGET_IO SQE they queue, so the loop knows what is in flight. */
   targetSubmitted(count?: number): void;
+  /**
+   * The SQE fd for the target's i-th file (QueueOptions.targetFds): a fixed-file
+   * index when files are registered, else the fd itself. Set SQE flags to
+   * `fileFlags` along with it.
+   */
+  targetFile(i: number): number;
+  /** IOSQE_FIXED_FILE when files are registered, else 0. */
+  readonly fileFlags: number;
 }
 
 export interface UblkTarget {

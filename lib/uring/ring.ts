@@ -173,6 +173,21 @@ export class Ring {
     return off;
   }
 
+  /**
+   * Registers `fds` as fixed files (index i is fds[i]); SQEs then name them by
+   * index with IOSQE_FIXED_FILE, which spares the kernel a file lookup and
+   * reference count per request.
+   */
+  registerFiles(fds: readonly number[]): void {
+    const rc = this.#uring.io_uring_register_files(this.ptr, new Int32Array(fds), fds.length);
+    if (rc < 0) throw new ErrnoError("io_uring_register_files", -rc);
+  }
+
+  /** Registers the ring's own fd so that io_uring_enter skips the fd lookup (5.18+). */
+  registerRingFd(): boolean {
+    return this.#uring.io_uring_register_ring_fd(this.ptr) >= 0;
+  }
+
   /** Submits claimed SQEs; returns how many the kernel took. */
   submit(): number {
     const rc = this.#uring.io_uring_submit(this.ptr);

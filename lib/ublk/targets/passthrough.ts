@@ -1,6 +1,7 @@
 /**
  * The tracked device's I/O path without snapshots: every request passes
- * straight through to the original device, on the queue's own io_uring.
+ * straight through to the original device (the queue's target file 0), on
+ * the queue's own io_uring.
  *
  * READ/WRITE use O_DIRECT on the original (the per-tag buffers are page
  * aligned), FUA becomes RWF_DSYNC, FLUSH becomes fdatasync, DISCARD becomes
@@ -17,25 +18,24 @@ import { UBLK_IO_F, UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "../target.ts";
 
+const PUNCH_HOLE = FALLOC_FL.PUNCH_HOLE | FALLOC_FL.KEEP_SIZE;
+const ZERO_RANGE = FALLOC_FL.ZERO_RANGE | FALLOC_FL.KEEP_SIZE;
+
 export class PassthroughTarget implements UblkTarget {
-  readonly #fd: number;
   /** The op each tag is serving, to interpret its completion. */
   readonly #ops: Uint8Array;
   /** WRITE_ZEROES range per tag, for the ZERO_RANGE retry. */
   readonly #offsets: Float64Array;
   readonly #lengths: Uint32Array;
 
-  constructor(originalFd: number, depth: number) {
-    this.#fd = originalFd;
+  constructor(depth: number) {
     this.#ops = new Uint8Array(depth);
     this.#offsets = new Float64Array(depth);
     this.#lengths = new Uint32Array(depth);
   }
 
   start(q: QueueContext, req: IoRequest): number {
-    const ring = q.ring;
     const tag = req.tag;
-    const ud = packUserData(UD_KIND.TARGET_IO, tag);
     const offset = req.startSector * 512;
     const bytes = req.nrSectors * 512;
     this.#ops[tag] = req.op;
@@ -44,57 +44,30 @@ export class PassthroughTarget implements UblkTarget {
       case UBLK_IO_OP.WRITE: {
         if (bytes > q.maxIoBufBytes) return -ERRNO.EINVAL;
         const opcode = req.op === UBLK_IO_OP.READ ? IORING_OP.READ : IORING_OP.WRITE;
-        const off = ring.prepRw(opcode, this.#fd, req.bufAddress, bytes, offset, ud);
-        if (req.flags & UBLK_IO_F.FUA) ring.sqeU32[(off + SQE.rwFlags) >> 2] = RWF_DSYNC;
+        const off = prep(q, opcode, req.bufAddress, bytes, offset, tag, 0);
+        if (req.flags & UBLK_IO_F.FUA) q.ring.sqeU32[(off + SQE.rwFlags) >> 2] = RWF_DSYNC;
         break;
       }
       case UBLK_IO_OP.FLUSH: {
-        const off = ring.prepRw(IORING_OP.FSYNC, this.#fd, 0, 0, 0, ud);
-        ring.sqeU32[(off + SQE.rwFlags) >> 2] = IORING_FSYNC_DATASYNC;
+        const off = prep(q, IORING_OP.FSYNC, 0, 0, 0, tag, 0);
+        q.ring.sqeU32[(off + SQE.rwFlags) >> 2] = IORING_FSYNC_DATASYNC;
         break;
       }
       case UBLK_IO_OP.DISCARD:
         // fallocate SQE: off = offset, addr = length, len = mode.
-        ring.prepRw(
-          IORING_OP.FALLOCATE,
-          this.#fd,
-          bytes,
-          FALLOC_FL.PUNCH_HOLE | FALLOC_FL.KEEP_SIZE,
-          offset,
-          ud,
-        );
+        prep(q, IORING_OP.FALLOCATE, bytes, PUNCH_HOLE, offset, tag, 0);
         break;
       case UBLK_IO_OP.WRITE_ZEROES:
-        if (req.flags & UBLK_IO_F.NOUNMAP) this.#zeroRange(ring, tag, offset, bytes);
-        else {
-          ring.prepRw(
-            IORING_OP.FALLOCATE,
-            this.#fd,
-            bytes,
-            FALLOC_FL.PUNCH_HOLE | FALLOC_FL.KEEP_SIZE,
-            offset,
-            ud,
-          );
-          this.#offsets[tag] = offset;
-          this.#lengths[tag] = bytes;
-        }
+        this.#offsets[tag] = offset;
+        this.#lengths[tag] = bytes;
+        if (req.flags & UBLK_IO_F.NOUNMAP) {
+          prep(q, IORING_OP.FALLOCATE, bytes, ZERO_RANGE, offset, tag, 1);
+        } else prep(q, IORING_OP.FALLOCATE, bytes, PUNCH_HOLE, offset, tag, 0);
         break;
       default:
         return -ERRNO.EOPNOTSUPP;
     }
-    q.targetSubmitted();
     return PENDING;
-  }
-
-  #zeroRange(ring: QueueContext["ring"], tag: number, offset: number, bytes: number): void {
-    ring.prepRw(
-      IORING_OP.FALLOCATE,
-      this.#fd,
-      bytes,
-      FALLOC_FL.ZERO_RANGE | FALLOC_FL.KEEP_SIZE,
-      offset,
-      packUserData(UD_KIND.TARGET_IO, tag, 1),
-    );
   }
 
   onCompletion(q: QueueContext, tag: number, sub: number, res: number): number {
@@ -107,8 +80,15 @@ export class PassthroughTarget implements UblkTarget {
         return res === -ERRNO.EOPNOTSUPP ? 0 : Math.min(res, 0);
       case UBLK_IO_OP.WRITE_ZEROES:
         if (res === -ERRNO.EOPNOTSUPP && sub === 0) {
-          this.#zeroRange(q.ring, tag, this.#offsets[tag]!, this.#lengths[tag]!);
-          q.targetSubmitted();
+          prep(
+            q,
+            IORING_OP.FALLOCATE,
+            this.#lengths[tag]!,
+            ZERO_RANGE,
+            this.#offsets[tag]!,
+            tag,
+            1,
+          );
           return PENDING;
         }
         return Math.min(res, 0);
@@ -116,4 +96,27 @@ export class PassthroughTarget implements UblkTarget {
         return Math.min(res, 0);
     }
   }
+}
+
+/** Queues one SQE on the original for `tag`; returns its offset in the SQE array. */
+function prep(
+  q: QueueContext,
+  opcode: number,
+  addr: number,
+  len: number,
+  offset: number,
+  tag: number,
+  sub: number,
+): number {
+  const off = q.ring.prepRw(
+    opcode,
+    q.targetFile(0),
+    addr,
+    len,
+    offset,
+    packUserData(UD_KIND.TARGET_IO, tag, sub),
+  );
+  q.ring.sqeU8[off + SQE.flags] = q.fileFlags;
+  q.targetSubmitted();
+  return off;
 }
