@@ -1,8 +1,10 @@
 /**
- * Benchmark (deno task bench; runs inside the VM): fio on the raw loop device
- * and on the tracked device over it, in the same run, and the tracked/raw
- * ratio per workload. Prints a table and writes JSON to $BLKSNAP_OUT_DIR
- * (copied to bench/results/ on the host).
+ * Benchmark (deno task bench; runs inside the VM): fio on the raw loop device,
+ * on the tracked device over it, and on dm-linear over a twin loop device (the
+ * kernel's own stacking passthrough), alternating in the same run. Prints the
+ * median IOPS ratios against raw and the guest CPU time per I/O (the VM is
+ * CPU-bound under TCG, so CPU per I/O is the steadier figure), and writes
+ * JSON to $BLKSNAP_OUT_DIR (copied to bench/results/ on the host).
  *
  * Under TCG absolute numbers mean little; ratios measured in one run do.
  */
@@ -28,6 +30,18 @@ const WORKLOADS: Workload[] = [
 interface Measurement {
   iops: number;
   mbPerS: number;
+  /** Guest CPU time (all CPUs, busy jiffies) per I/O, in microseconds. */
+  cpuUsPerIo: number;
+}
+
+/** Busy and total jiffies of all CPUs (USER_HZ = 100). */
+function cpuJiffies(): { busy: number; total: number } {
+  const f = Deno.readTextFileSync("/proc/stat").split("\n")[0]!.trim().split(/\s+/).slice(1).map(
+    Number,
+  );
+  const idle = f[3]! + f[4]!;
+  const total = f.slice(0, 8).reduce((a, b) => a + b, 0);
+  return { busy: total - idle, total };
 }
 
 async function run(cmd: string, args: string[], env: Record<string, string> = {}): Promise<string> {
@@ -40,6 +54,7 @@ async function run(cmd: string, args: string[], env: Record<string, string> = {}
 }
 
 async function fio(device: string, w: Workload): Promise<Measurement> {
+  const before = cpuJiffies();
   const out = await run("fio", [
     "--name=bench",
     `--filename=${device}`,
@@ -50,14 +65,19 @@ async function fio(device: string, w: Workload): Promise<Measurement> {
     `--bs=${w.bs}`,
     "--time_based",
     `--runtime=${RUNTIME_S}`,
-    "--ramp_time=2",
     "--norandommap",
     "--randrepeat=0",
     "--output-format=json",
   ]);
+  const after = cpuJiffies();
   const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
   const side = w.rw.includes("read") ? job.read : job.write;
-  return { iops: side.iops, mbPerS: side.bw_bytes / 1e6 };
+  const ios = side.total_ios as number;
+  return {
+    iops: side.iops,
+    mbPerS: side.bw_bytes / 1e6,
+    cpuUsPerIo: ((after.busy - before.busy) * 10_000) / Math.max(1, ios),
+  };
 }
 
 const blksnap = (...args: string[]) =>
@@ -73,53 +93,85 @@ async function main() {
     await Deno.truncate(file, SIZE_MIB << 20);
   });
   const loop = await run("losetup", ["--find", "--show", file]);
-  // Fill the device so reads hit real pages, not tmpfs holes.
-  await run("fio", [
-    "--name=fill",
-    `--filename=${loop}`,
-    "--ioengine=io_uring",
-    "--direct=1",
-    "--iodepth=16",
-    "--rw=write",
-    "--bs=1M",
-    "--size=100%",
-  ]);
+  const twinFile = "/tmp/bench/twin.img";
+  await Deno.writeFile(twinFile, new Uint8Array(0));
+  await Deno.truncate(twinFile, SIZE_MIB << 20);
+  const twin = await run("losetup", ["--find", "--show", twinFile]);
+  // Fill the devices so reads hit real pages, not tmpfs holes.
+  for (const dev of [loop, twin]) {
+    await run("fio", [
+      "--name=fill",
+      `--filename=${dev}`,
+      "--ioengine=io_uring",
+      "--direct=1",
+      "--iodepth=16",
+      "--rw=write",
+      "--bs=1M",
+      "--size=100%",
+    ]);
+  }
+  const dmName = "blksnap-bench-linear";
+  const sectors = (SIZE_MIB << 20) / 512;
+  await run("sh", ["-c", `echo "0 ${sectors} linear ${twin} 0" | dmsetup create ${dmName}`]);
+  // No udev in the VM: use devtmpfs's /dev/dm-N rather than /dev/mapper.
+  const dmMinor = await run("dmsetup", ["info", "-c", "--noheadings", "-o", "minor", dmName]);
+  const dmLinear = `/dev/dm-${dmMinor.trim()}`;
 
   interface Row {
     workload: string;
     raw: Measurement;
     tracked: Measurement;
-    /** Median of the tracked/raw IOPS ratios of the alternating runs. */
-    ratio: number;
+    dmLinear: Measurement;
+    /** Medians over the alternating runs. */
+    trackedRatio: number;
+    dmLinearRatio: number;
+    /** raw CPU per I/O / tracked CPU per I/O (1 = costs no more CPU than raw). */
+    trackedCpuRatio: number;
     ratios: number[];
     /** Batching of the queue loop: ublk requests per io_uring_enter. */
     requestsPerEnter: number;
   }
+  const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+  const medianBy = (ms: Measurement[], k: keyof Measurement): Measurement => {
+    const m = median(ms.map((x) => x[k]));
+    return ms.find((x) => x[k] === m)!;
+  };
   const rows: Row[] = [];
   const tracked = await blksnap("attach", "--device", loop);
   try {
+    // Warm up: the queue workers' JIT and the page cache, outside the measurements.
+    for (const dev of [tracked, dmLinear]) {
+      await fio(dev, { name: "warm-up", rw: "randrw", bs: "4k" });
+      await fio(dev, { name: "warm-up", rw: "rw", bs: "1M" });
+    }
     for (const w of WORKLOADS) {
-      // Alternate raw and tracked so drift of the host hits both alike.
-      const pairs: Array<{ raw: Measurement; tr: Measurement; ratio: number }> = [];
+      // Alternate the devices so drift of the host hits all alike.
+      const raws: Measurement[] = [];
+      const trs: Measurement[] = [];
+      const dms: Measurement[] = [];
       const before = await queueTotals();
       for (let i = 0; i < REPEATS; i++) {
         const raw = await fio(loop, w);
         const tr = await fio(tracked, w);
-        const ratio = tr.iops / raw.iops;
-        pairs.push({ raw, tr, ratio });
+        const dm = await fio(dmLinear, w);
+        raws.push(raw);
+        trs.push(tr);
+        dms.push(dm);
         console.log(
-          `${w.name.padEnd(20)} raw ${fmt(raw)}  tracked ${fmt(tr)}  ratio ${ratio.toFixed(2)}`,
+          `${w.name.padEnd(20)} raw ${fmt(raw)} | tracked ${fmt(tr)} | dm-linear ${fmt(dm)}`,
         );
       }
       const after = await queueTotals();
-      pairs.sort((x, y) => x.ratio - y.ratio);
-      const mid = pairs[Math.floor(pairs.length / 2)]!;
+      const ratios = trs.map((t, i) => t.iops / raws[i]!.iops);
       rows.push({
         workload: w.name,
-        raw: mid.raw,
-        tracked: mid.tr,
-        ratio: mid.ratio,
-        ratios: pairs.map((p) => Number(p.ratio.toFixed(3))),
+        raw: medianBy(raws, "iops"),
+        tracked: medianBy(trs, "iops"),
+        dmLinear: medianBy(dms, "iops"),
+        trackedRatio: median(ratios),
+        dmLinearRatio: median(dms.map((d, i) => d.iops / raws[i]!.iops)),
+        trackedCpuRatio: median(trs.map((t, i) => raws[i]!.cpuUsPerIo / t.cpuUsPerIo)),
+        ratios: ratios.map((r) => Number(r.toFixed(3))),
         requestsPerEnter: (after.requests - before.requests) /
           Math.max(1, after.enters - before.enters),
       });
@@ -128,24 +180,28 @@ async function main() {
     await blksnap("detach", "--device", loop);
     const st = JSON.parse(await blksnap("status", "--json"));
     if (st.pid) Deno.kill(st.pid, "SIGTERM");
+    await run("dmsetup", ["remove", dmName]);
     await run("losetup", ["-d", loop]);
+    await run("losetup", ["-d", twin]);
   }
 
   const table = [
-    "| workload | raw IOPS | raw MB/s | tracked IOPS | tracked MB/s | tracked/raw (median) | all ratios | requests per enter |",
-    "|---|---:|---:|---:|---:|---:|---|---:|",
+    "| workload | raw IOPS | tracked IOPS | dm-linear IOPS | tracked/raw | dm-linear/raw | CPU µs per I/O raw / tracked / dm-linear | tracked CPU ratio | requests per enter |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ...rows.map((r) =>
-      `| ${r.workload} | ${r.raw.iops.toFixed(0)} | ${r.raw.mbPerS.toFixed(1)} | ${
-        r.tracked.iops.toFixed(0)
+      `| ${r.workload} | ${r.raw.iops.toFixed(0)} | ${r.tracked.iops.toFixed(0)} | ${
+        r.dmLinear.iops.toFixed(0)
       } | ` +
-      `${r.tracked.mbPerS.toFixed(1)} | ${r.ratio.toFixed(2)} | ${r.ratios.join(" ")} | ${
-        r.requestsPerEnter.toFixed(2)
-      } |`
+      `${r.trackedRatio.toFixed(2)} | ${r.dmLinearRatio.toFixed(2)} | ` +
+      `${r.raw.cpuUsPerIo.toFixed(0)} / ${r.tracked.cpuUsPerIo.toFixed(0)} / ${
+        r.dmLinear.cpuUsPerIo.toFixed(0)
+      } | ` +
+      `${r.trackedCpuRatio.toFixed(2)} | ${r.requestsPerEnter.toFixed(2)} |`
     ),
   ].join("\n");
   console.log(
-    `\nfio io_uring, direct, depth 32, ${RUNTIME_S} s per run, ${REPEATS} alternating runs per line, ` +
-      `${SIZE_MIB} MiB loop on tmpfs; daemon args: ${
+    `\nfio io_uring, direct, depth 32, ${RUNTIME_S} s per run, ${REPEATS} alternating runs per line (medians), ` +
+      `${SIZE_MIB} MiB loops on tmpfs; daemon args: ${
         Deno.env.get("BLKSNAP_DAEMON_ARGS") || "(defaults)"
       }\n`,
   );
@@ -183,7 +239,9 @@ async function queueTotals(): Promise<{ requests: number; enters: number }> {
 }
 
 function fmt(m: Measurement): string {
-  return `${m.iops.toFixed(0).padStart(7)} IOPS ${m.mbPerS.toFixed(1).padStart(7)} MB/s`;
+  return `${m.iops.toFixed(0).padStart(6)} IOPS ${m.mbPerS.toFixed(0).padStart(5)} MB/s ${
+    m.cpuUsPerIo.toFixed(0).padStart(5)
+  } µs CPU/IO`;
 }
 
 if (import.meta.main) await main();
