@@ -67,6 +67,7 @@
  * @module
  */
 
+import { Watchdog } from "./watchdog.ts";
 import { assertSectorBuffer, type BlockDevice, SECTOR_SIZE } from "./block_device.ts";
 import { type ChunkGeometry, chunkGeometry, ChunkState, ChunkTable } from "./chunk.ts";
 import { DiffBufferPool } from "./diff_buffer.ts";
@@ -204,8 +205,7 @@ export class DiffArea {
   #lastStoreMs = 0;
   /** When the writers now waiting for room began to wait. */
   #roomWaitSinceMs = 0;
-  #watchdog: ReturnType<typeof setTimeout> | undefined;
-  readonly #onWatchdog = () => this.#checkStall();
+  readonly #watchdog = new Watchdog(() => this.#checkStall());
   readonly #onStored = () => this.#storerDone(null);
   readonly #onStoreFailed = (error: unknown) => this.#storerDone(error);
 
@@ -358,7 +358,7 @@ export class DiffArea {
     this.#releaseRoomWaiters();
     this.#kickStorer();
     await this.settled();
-    this.#stopWatchdog();
+    this.#watchdog.stop();
     assert(this.#slotsReserved === 0, "A claim outlived the diff area");
     assert(this.buffers.inUse === 0, "A buffer outlived the diff area");
   }
@@ -446,7 +446,7 @@ export class DiffArea {
     this.stats.backPressureWaits++;
     if (this.#roomWaiters.length === 0) {
       this.#roomWaitSinceMs = performance.now();
-      this.#armWatchdog(this.#stallTimeoutMs);
+      this.#watchdog.arm(this.#stallTimeoutMs);
     }
     return new Promise((resolve) => this.#roomWaiters.push(resolve));
   }
@@ -476,14 +476,14 @@ export class DiffArea {
     while (this.#roomWaiters.length > 0 && this.#hasRoom()) {
       this.#roomWaiters.shift()(this.#takeRoom());
     }
-    if (this.#roomWaiters.length === 0) this.#stopWatchdog();
+    if (this.#roomWaiters.length === 0) this.#watchdog.stop();
     else this.#roomWaitSinceMs = performance.now(); // someone was served: progress
   }
 
   /** Copy-on-write is off: every waiter goes on without a buffer. */
   #releaseRoomWaiters(): void {
     while (this.#roomWaiters.length > 0) this.#roomWaiters.shift()(-1);
-    this.#stopWatchdog();
+    this.#watchdog.stop();
   }
 
   #unreserve(buffer: number): void {
@@ -495,20 +495,8 @@ export class DiffArea {
 
   // --- the stall watchdog --------------------------------------------------
 
-  #armWatchdog(delayMs: number): void {
-    if (this.#watchdog !== undefined) return;
-    this.#watchdog = setTimeout(this.#onWatchdog, delayMs);
-  }
-
-  #stopWatchdog(): void {
-    if (this.#watchdog === undefined) return;
-    clearTimeout(this.#watchdog);
-    this.#watchdog = undefined;
-  }
-
   /** Writers wait for room: corrupt the area when nothing moved for the timeout. */
   #checkStall(): void {
-    this.#watchdog = undefined;
     if (this.#roomWaiters.length === 0 || this.#errorCode !== 0 || this.#closed) return;
     const lastProgressMs = Math.max(
       this.#roomWaitSinceMs,
@@ -517,7 +505,7 @@ export class DiffArea {
     );
     const idleMs = performance.now() - lastProgressMs;
     if (idleMs < this.#stallTimeoutMs) {
-      this.#armWatchdog(Math.max(1, Math.ceil(this.#stallTimeoutMs - idleMs)));
+      this.#watchdog.arm(this.#stallTimeoutMs - idleMs);
       return;
     }
     const growth = this.#allocating > 0;

@@ -32,6 +32,7 @@
  * @module
  */
 
+import { Watchdog } from "./watchdog.ts";
 import { devIdString, type IoHooks, type IoRequest, SECTOR_SIZE } from "./block_device.ts";
 import { assert, BlksnapError, toBlksnapError } from "./errors.ts";
 import type { SnapshotEvent } from "./event_queue.ts";
@@ -259,7 +260,7 @@ export class DiffStorage {
   /** When the last growth ended, or the first allocation began to wait for one. */
   #lastGrowthMs = 0;
   #growthWaitSinceMs = 0;
-  #watchdog: ReturnType<typeof setTimeout> | undefined;
+  readonly #watchdog = new Watchdog(() => this.#checkStall());
   readonly #stallTimeoutMs: number;
   #closed = false;
 
@@ -366,7 +367,7 @@ export class DiffStorage {
         await new Promise<void>((resolve) => {
           if (this.#growthWaiters.length === 0) {
             this.#growthWaitSinceMs = performance.now();
-            this.#armWatchdog(this.#stallTimeoutMs);
+            this.#watchdog.arm(this.#stallTimeoutMs);
           }
           this.#growthWaiters.push(resolve);
         });
@@ -505,30 +506,18 @@ export class DiffStorage {
   }
 
   #wakeGrowthWaiters(): void {
-    this.#stopWatchdog();
+    this.#watchdog.stop();
     const waiters = this.#growthWaiters;
     this.#growthWaiters = [];
     for (const wake of waiters) wake();
   }
 
-  #armWatchdog(delayMs: number): void {
-    if (this.#watchdog !== undefined) return;
-    this.#watchdog = setTimeout(() => this.#checkStall(), delayMs);
-  }
-
-  #stopWatchdog(): void {
-    if (this.#watchdog === undefined) return;
-    clearTimeout(this.#watchdog);
-    this.#watchdog = undefined;
-  }
-
   /** Allocations wait for a growth: give it up when it made no progress for the timeout. */
   #checkStall(): void {
-    this.#watchdog = undefined;
     if (this.#growthWaiters.length === 0 || this.#growth === null) return;
     const idleMs = performance.now() - Math.max(this.#growthWaitSinceMs, this.#lastGrowthMs);
     if (idleMs < this.#stallTimeoutMs) {
-      this.#armWatchdog(Math.max(1, Math.ceil(this.#stallTimeoutMs - idleMs)));
+      this.#watchdog.arm(this.#stallTimeoutMs - idleMs);
       return;
     }
     // Hand out nothing more: the snapshot is corrupted with ENOSPC by its users.
