@@ -4,7 +4,7 @@
  * output in text or JSON, and the exit statuses.
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { Client, DaemonUnavailableError, startDaemon } from "../daemon/client.ts";
+import { Client, NoDaemonError, startDaemon } from "../daemon/client.ts";
 import { DEFAULT_SOCKET_PATH } from "../daemon/server.ts";
 
 /** Exit statuses (README "Exit status"). */
@@ -65,7 +65,7 @@ export class Context {
     try {
       this.#client = await Client.connect(this.socketPath);
     } catch (err) {
-      if (!(err instanceof DaemonUnavailableError) || !autostart) throw err;
+      if (!(err instanceof NoDaemonError) || !autostart) throw err;
       const extra = (Deno.env.get("BLKSNAP_DAEMON_ARGS") ?? "").split(/\s+/).filter((s) => s);
       const pid = await startDaemon({ socketPath: this.socketPath, daemonArgs: extra });
       console.error(`blksnap: started the daemon (pid ${pid}, socket ${this.socketPath})`);

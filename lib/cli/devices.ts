@@ -1,7 +1,9 @@
 /**
  * Tracking devices: attach, detach, status.
  */
+import { resolve } from "node:path";
 import { type Command, EXIT, noPositionals, requireString } from "./command.ts";
+import { NoDaemonError } from "../daemon/client.ts";
 import type { TrackedInfo } from "../daemon/daemon.ts";
 import type { QueueStats } from "../ublk/device.ts";
 
@@ -22,7 +24,8 @@ Example:
   options: { device: { type: "string", short: "d" } },
   async run(ctx, values, positionals) {
     noPositionals(this, positionals);
-    const device = requireString(values, "device", this);
+    // The daemon's working directory is not the caller's.
+    const device = resolve(requireString(values, "device", this));
     const client = await ctx.daemon();
     const info = await client.request("attach", { device }) as TrackedInfo;
     ctx.print(info, info.tracked);
@@ -42,7 +45,7 @@ The data stays on the original, which can then be mounted directly.`,
   options: { device: { type: "string", short: "d" } },
   async run(ctx, values, positionals) {
     noPositionals(this, positionals);
-    const device = requireString(values, "device", this);
+    const device = resolve(requireString(values, "device", this));
     const client = await ctx.daemon(false);
     const info = await client.request("detach", { device }) as TrackedInfo;
     ctx.print(info, `${info.original} detached (${info.tracked} removed)`);
@@ -73,7 +76,8 @@ the daemon: when none runs it says so and exits 0.`,
     let client;
     try {
       client = await ctx.daemon(false);
-    } catch {
+    } catch (err) {
+      if (!(err instanceof NoDaemonError)) throw err;
       ctx.print({ running: false, devices: [] }, "daemon: not running\nno tracked devices");
       return EXIT.OK;
     }

@@ -24,6 +24,14 @@ export class DaemonUnavailableError extends Error {
   }
 }
 
+/** Nothing listens on the socket: no daemon runs (as opposed to one we may not reach). */
+export class NoDaemonError extends DaemonUnavailableError {
+  constructor(message: string) {
+    super(message);
+    this.name = "NoDaemonError";
+  }
+}
+
 export class Client {
   readonly #conn: Deno.UnixConn;
   #nextId = 1;
@@ -43,7 +51,7 @@ export class Client {
           `Cannot connect to "${path}": permission denied (run as root)`,
         );
       }
-      throw new DaemonUnavailableError(`No blksnap daemon answers on "${path}"`);
+      throw new NoDaemonError(`No blksnap daemon answers on "${path}"`);
     }
   }
 
@@ -53,7 +61,13 @@ export class Client {
     const data = new TextEncoder().encode(line);
     let off = 0;
     while (off < data.length) off += await this.#conn.write(data.subarray(off));
-    const reply = JSON.parse(await this.#readLine()) as Reply;
+    let reply: Reply;
+    try {
+      reply = JSON.parse(await this.#readLine()) as Reply;
+    } catch (err) {
+      if (err instanceof DaemonUnavailableError) throw err;
+      throw new DaemonUnavailableError("The daemon sent a malformed reply");
+    }
     if (reply.id !== id) throw new Error(`Protocol error: reply ${reply.id} to request ${id}`);
     if (!reply.ok) throw new DaemonError(reply.error.code, reply.error.errno, reply.error.message);
     return reply.result;
@@ -104,7 +118,15 @@ export function selfCommand(args: string[]): { cmd: string; args: string[] } {
 export async function startDaemon(opts: StartOptions): Promise<number> {
   const dir = opts.socketPath.slice(0, opts.socketPath.lastIndexOf("/")) || "/";
   const logFile = `${dir}/daemon.log`;
-  Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  try {
+    Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    throw new DaemonUnavailableError(
+      `Cannot start the daemon: cannot create "${dir}": ${
+        err instanceof Error ? err.message : err
+      }`,
+    );
+  }
   const self = selfCommand([
     "daemon",
     "--socket",

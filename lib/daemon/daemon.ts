@@ -67,6 +67,8 @@ export class Daemon {
   readonly #attaching = new Set<string>();
   readonly startedAt = new Date();
   #shuttingDown = false;
+  /** Attaches, detaches and removals under way; shutdown waits for them. */
+  readonly #inflight = new Set<Promise<unknown>>();
 
   private constructor(libc: Libc, ctrl: UblkControl, options: DaemonOptions) {
     this.#libc = libc;
@@ -149,7 +151,22 @@ export class Daemon {
     return undefined;
   }
 
-  async attach(path: string): Promise<TrackedInfo> {
+  attach(path: string): Promise<TrackedInfo> {
+    return this.#track(this.#attach(path));
+  }
+
+  detach(path: string): Promise<TrackedInfo> {
+    return this.#track(this.#detach(path));
+  }
+
+  #track<T>(p: Promise<T>): Promise<T> {
+    this.#inflight.add(p);
+    const done = () => this.#inflight.delete(p);
+    p.then(done, done);
+    return p;
+  }
+
+  async #attach(path: string): Promise<TrackedInfo> {
     this.#refuseWhenStopping();
     const id = identifyBlockDevice(path, "attach");
     const existing = this.#find(id);
@@ -167,11 +184,12 @@ export class Daemon {
     }
     this.#attaching.add(id.key);
     let fd = -1;
+    let device: UblkDevice | undefined;
     try {
       fd = openExclusive(this.#libc, id, "attach");
       const geo = readGeometry(this.#libc, fd, id);
       validateGeometry(path, geo);
-      const device = await UblkDevice.create(this.#ctrl, this.#libc, {
+      device = await UblkDevice.create(this.#ctrl, this.#libc, {
         queues: this.options.queues,
         depth: this.options.queueDepth,
         maxIoBufBytes: this.options.maxIoBufBytes,
@@ -197,15 +215,26 @@ export class Daemon {
       };
       this.#tracked.set(id.key, { info, device, originalFd: fd, detaching: false });
       fd = -1;
+      device = undefined;
       log(`attached ${path} (${id.key}) as ${info.tracked}`);
+      // A queue that failed after START_DEV but before this entry existed.
+      const t = this.#tracked.get(id.key)!;
+      if (t.device.failure) this.#onQueueFatal(id.key, t.device.failure);
       return info;
+    } catch (err) {
+      if (device) {
+        // Created but not registered (e.g. its node vanished): remove it again.
+        const created = device;
+        await created.destroy().catch((e) => log(`removing ${created.blockPath} failed: ${e}`));
+      }
+      throw err;
     } finally {
       this.#attaching.delete(id.key);
       if (fd >= 0) this.#libc.close(fd);
     }
   }
 
-  async detach(path: string): Promise<TrackedInfo> {
+  async #detach(path: string): Promise<TrackedInfo> {
     this.#refuseWhenStopping();
     const id = identifyBlockDevice(path, "detach");
     const t = this.#find(id);
@@ -221,6 +250,9 @@ export class Daemon {
       "detach",
     );
     t.detaching = true;
+    // Write back what the block device's own page cache holds before the stop:
+    // with user recovery the kernel fails I/O that arrives during the teardown.
+    this.#libc.sym.fsync(guard);
     let guardOpen = true;
     const closeGuard = () => {
       if (guardOpen) this.#libc.close(guard);
@@ -237,11 +269,10 @@ export class Daemon {
 
   async #remove(t: Tracked, afterStop?: () => void): Promise<void> {
     this.#tracked.delete(t.info.originalDevice);
-    try {
-      await t.device.destroy(afterStop);
-    } finally {
-      this.#libc.close(t.originalFd);
-    }
+    await t.device.destroy(afterStop);
+    // Only once every queue has exited: a queue still using the number would
+    // write into whatever file reuses it.
+    this.#libc.close(t.originalFd);
   }
 
   #onQueueFatal(key: string, message: string): void {
@@ -250,7 +281,7 @@ export class Daemon {
     if (!t || t.detaching) return;
     t.detaching = true;
     log(`stopping ${t.info.tracked}: a queue of it failed; I/O to it now fails`);
-    this.#remove(t).catch((err) => log(`removing ${t.info.tracked} failed: ${err}`));
+    this.#track(this.#remove(t)).catch((err) => log(`removing ${t.info.tracked} failed: ${err}`));
   }
 
   #refuseWhenStopping(): void {
@@ -264,6 +295,8 @@ export class Daemon {
   async shutdown(): Promise<void> {
     if (this.#shuttingDown) return;
     this.#shuttingDown = true;
+    // Let attaches and detaches under way finish; what they leave is removed below.
+    await Promise.allSettled([...this.#inflight]);
     const all = [...this.#tracked.values()];
     if (all.length > 0) {
       this.#libc.sym.sync();

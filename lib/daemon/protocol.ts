@@ -97,6 +97,13 @@ export function parseRequest(line: string): Envelope {
       throw new BlksnapError("EINVAL", `Operation "${op}": argument "${key}" must be a ${type}`);
     }
   }
+  // Paths are resolved by the client: the daemon's working directory means nothing to it.
+  if (typeof a.device === "string" && !a.device.startsWith("/")) {
+    throw new BlksnapError(
+      "EINVAL",
+      `Operation "${op}": device must be an absolute path, not "${a.device}"`,
+    );
+  }
   return { v: PROTOCOL_VERSION, id: r.id, op, args: a as Request["args"] };
 }
 

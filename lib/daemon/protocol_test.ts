@@ -45,6 +45,7 @@ Deno.test("parseRequest() rejects bad ids, ops and arguments", () => {
   assertEquals(code('{"v":1,"id":1,"op":"attach","args":{"device":7}}'), "EINVAL");
   assertEquals(code('{"v":1,"id":1,"op":"attach","args":[]}'), "EINVAL");
   assertEquals(code('{"v":1,"id":1,"op":"attach","args":{"device":"/d","x":1}}'), "EINVAL");
+  assertEquals(code('{"v":1,"id":1,"op":"attach","args":{"device":"sdb1"}}'), "EINVAL");
 });
 
 Deno.test("BlksnapError.toBody() carries the errno number", () => {

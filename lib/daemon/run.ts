@@ -48,12 +48,18 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     })();
     return stopping;
   };
+  const stopLogged = (why: string) =>
+    stop(why).catch((err) => log(`shutdown failed: ${err instanceof Error ? err.stack : err}`));
   for (const sig of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
-    Deno.addSignalListener(sig, () => void stop(sig));
+    Deno.addSignalListener(sig, () => void stopLogged(sig));
   }
-  server.shutdownRequested.then(() => stop("shutdown requested"));
-  await server.serve();
-  await stop("socket closed");
+  server.shutdownRequested.then(() => stopLogged("shutdown requested"));
+  try {
+    await server.serve();
+  } finally {
+    // However serving ended, the devices go with the daemon.
+    await stopLogged("socket closed");
+  }
   log("exited cleanly");
   return 0;
 }

@@ -20,6 +20,8 @@ import { ErrnoError } from "../../ffi/errno.ts";
 export type DaemonApi = Pick<Daemon, "version" | "status" | "attach" | "detach">;
 
 export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
+/** Connections served at once; more are closed at accept. */
+const MAX_CONNECTIONS = 256;
 
 export class ControlServer {
   readonly #daemon: DaemonApi;
@@ -55,14 +57,29 @@ export class ControlServer {
     return new ControlServer(daemon, listener, path);
   }
 
+  /**
+   * Accepts until close(). An accept that fails (out of file descriptors, a
+   * connection reset before it was accepted) is logged and retried after a
+   * pause: it never takes the daemon, and its devices, down.
+   */
   async serve(): Promise<void> {
-    try {
-      for await (const conn of this.#listener) {
-        this.#conns.add(conn);
-        this.#serveConn(conn).finally(() => this.#conns.delete(conn));
+    while (!this.#closed) {
+      let conn: Deno.UnixConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (err) {
+        if (this.#closed) return;
+        log(`accept failed: ${err instanceof Error ? err.message : err}; retrying`);
+        await new Promise((r) => setTimeout(r, 200));
+        continue;
       }
-    } catch (err) {
-      if (!this.#closed) throw err;
+      if (this.#conns.size >= MAX_CONNECTIONS) {
+        log(`refusing a connection: ${MAX_CONNECTIONS} are open`);
+        conn.close();
+        continue;
+      }
+      this.#conns.add(conn);
+      this.#serveConn(conn).finally(() => this.#conns.delete(conn));
     }
   }
 

@@ -68,6 +68,8 @@ export class UblkDevice {
   readonly #exited: Array<Promise<void>> = [];
   #charFd = -1;
   #started = false;
+  /** The first queue failure, whenever it came. */
+  #failure: string | undefined;
   #destroying: Promise<void> | undefined;
 
   private constructor(ctrl: UblkControl, libc: Libc, info: DevInfo) {
@@ -103,6 +105,11 @@ export class UblkDevice {
     });
   }
 
+  /** Set once a queue worker failed; the device must then be removed. */
+  get failure(): string | undefined {
+    return this.#failure;
+  }
+
   get devId(): number {
     return this.info.devId;
   }
@@ -132,6 +139,7 @@ export class UblkDevice {
       await ctrl.startDev(info.devId, Deno.pid);
       dev.#started = true;
       await waitForPath(dev.blockPath);
+      if (dev.#failure) throw new Error(dev.#failure);
     } catch (err) {
       await dev.destroy().catch((e) => {
         console.error(`blksnap: cleaning up ublk device ${info.devId} failed: ${e}`);
@@ -163,6 +171,7 @@ export class UblkDevice {
         else if (r.type === "exited") onExit();
         else {
           const err = new Error(`ublk device ${this.devId} queue ${r.qId} failed: ${r.message}`);
+          this.#failure ??= err.message;
           onFail(err);
           onExit();
           if (!fatalReported && this.#started) {
@@ -174,6 +183,7 @@ export class UblkDevice {
       worker.onerror = (ev) => {
         ev.preventDefault();
         const err = new Error(`ublk device ${this.devId} queue ${qId} crashed: ${ev.message}`);
+        this.#failure ??= err.message;
         onFail(err);
         onExit();
         if (!fatalReported && this.#started) {
@@ -194,7 +204,15 @@ export class UblkDevice {
       };
       worker.postMessage(init);
     }
-    await withTimeout(Promise.all(ready), READY_TIMEOUT_MS, `ublk device ${this.devId} queues`);
+    // Every worker settles (ready or failed) before a failed create sends STOP_DEV:
+    // a queue that fetches after the stop would never be aborted.
+    const settled = await withTimeout(
+      Promise.allSettled(ready),
+      READY_TIMEOUT_MS,
+      `ublk device ${this.devId} queues`,
+    );
+    const failed = settled.find((r) => r.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
   }
 
   /**

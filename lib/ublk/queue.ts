@@ -194,8 +194,14 @@ export class UblkQueue implements QueueContext {
   /** Serves I/O until the device stops. */
   run(): void {
     const st = this.#stats;
+    const failAfter = injectedFailureAfter();
     let handled = performance.now();
     while (this.#ended < this.depth || this.#targetInflight > 0) {
+      if (failAfter > 0 && st[QUEUE_STATS.REQUESTS]! >= failAfter) {
+        throw new Error(
+          `injected failure after ${failAfter} requests (BLKSNAP_FAULT_QUEUE_FAIL_AFTER)`,
+        );
+      }
       this.ring.submitAndWait(1);
       const entered = performance.now();
       st[QUEUE_STATS.ENTERS]!++;
@@ -308,4 +314,13 @@ export class UblkQueue implements QueueContext {
     ring.sqeI32[(cmd + IO_CMD.result) >> 2] = result;
     ring.setU64(cmd + IO_CMD.addr, this.#bufBase + tag * this.maxIoBufBytes);
   }
+}
+
+/**
+ * Fault injection for the VM tests: a queue worker fails after serving this
+ * many requests (BLKSNAP_FAULT_QUEUE_FAIL_AFTER; 0 or unset: never).
+ */
+function injectedFailureAfter(): number {
+  const n = Number(Deno.env.get("BLKSNAP_FAULT_QUEUE_FAIL_AFTER") ?? "0");
+  return Number.isSafeInteger(n) && n > 0 ? n : 0;
 }

@@ -53,7 +53,14 @@ export function runQueueWorker(self: Worker): void {
       queue.close();
       post({ type: "exited", qId: init.qId, served });
     } catch (err) {
-      // Stay alive: the daemon stops the device, which ends the queue's commands.
+      // Close the ring: io_uring cancels the queue's outstanding commands, so the
+      // kernel fails or requeues its requests and STOP_DEV can finish. A ring left
+      // open would hold them for ever (research/ublk.md §0.7).
+      try {
+        queue?.close();
+      } catch (closeErr) {
+        console.error(`blksnap: closing ublk queue ${init.qId} after a failure: ${closeErr}`);
+      }
       post({
         type: "fatal",
         qId: init.qId,

@@ -195,10 +195,16 @@ export class Ring {
     return Math.max(rc, 0);
   }
 
-  /** Submits and waits for at least `waitNr` completions (EINTR is not an error). */
+  /**
+   * Submits and waits for at least `waitNr` completions. EINTR, and the
+   * transient EAGAIN and EBUSY (the kernel is short of resources, or completions
+   * must be reaped first), return 0: the caller reaps what is there and calls again.
+   */
   submitAndWait(waitNr: number): number {
     const rc = this.#uring.io_uring_submit_and_wait(this.ptr, waitNr);
-    if (rc < 0 && rc !== -4) throw new ErrnoError("io_uring_submit_and_wait", -rc);
+    if (rc < 0 && rc !== -4 && rc !== -11 && rc !== -16) {
+      throw new ErrnoError("io_uring_submit_and_wait", -rc);
+    }
     return Math.max(rc, 0);
   }
 

@@ -7,7 +7,7 @@ import { deepStrictEqual as assertEquals } from "node:assert/strict";
 
 export const IN_VM = Deno.env.get("BLKSNAP_IN_VM") === "1";
 const ROOT = new URL("../../", import.meta.url).pathname;
-const MAIN = `${ROOT}main.ts`;
+export const MAIN = `${ROOT}main.ts`;
 
 export interface Result {
   code: number;

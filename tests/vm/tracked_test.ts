@@ -11,9 +11,12 @@ import {
   assertNoUblkDevices,
   Cli,
   Loop,
+  MAIN,
   pseudoRandomBytes,
+  run,
   sh,
   sha256,
+  sleep,
   ublkNodes,
   vmTest,
 } from "./_helpers.ts";
@@ -223,6 +226,56 @@ vmTest(
     } finally {
       await second.stopDaemon();
       await first.stopDaemon();
+      await loop.destroy();
+    }
+    assertNoUblkDevices();
+  },
+);
+
+vmTest(
+  "a failing queue worker: its device is stopped and removed, I/O fails instead of hanging, the daemon serves on",
+  async () => {
+    const cli = new Cli("fault");
+    const loop = await Loop.create(64);
+    try {
+      // Only this daemon's workers fail: the variable reaches it through the autostart.
+      const r = await run(Deno.execPath(), [
+        "run",
+        "-A",
+        "--quiet",
+        "main.ts",
+        "attach",
+        "--device",
+        loop.path,
+      ], {
+        BLKSNAP_SOCKET: cli.socket,
+        BLKSNAP_FAULT_QUEUE_FAIL_AFTER: "200",
+      });
+      assertEquals(r.code, 0, r.stderr);
+      const tracked = r.stdout.trim();
+      // Enough I/O to cross 200 requests on a queue; it must end, with an error, not hang.
+      const dd = await run("timeout", [
+        "120",
+        "dd",
+        `if=/dev/zero`,
+        `of=${tracked}`,
+        "bs=4k",
+        "count=4000",
+        "oflag=direct",
+      ]);
+      assert(dd.code !== 124, "I/O to a device with a failed queue hung");
+      assert(dd.code !== 0, `dd should fail once a queue failed: ${dd.stderr}`);
+      // The daemon removes the device and keeps serving.
+      const deadline = Date.now() + 60_000;
+      while (ublkNodes().length > 0 && Date.now() < deadline) await sleep(100);
+      assertEquals(ublkNodes(), [], "device with a failed queue left behind");
+      const st = await cli.json<Status>("status");
+      assertEquals(st.running, true);
+      assertEquals(st.devices, []);
+      const log = await Deno.readTextFile(cli.socket.replace(/[^/]+$/, "daemon.log"));
+      assertMatch(log, /FATAL: ublk device \d+ queue \d+ failed: .*injected failure/);
+    } finally {
+      await cli.stopDaemon();
       await loop.destroy();
     }
     assertNoUblkDevices();
