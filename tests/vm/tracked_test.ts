@@ -243,7 +243,7 @@ vmTest(
         "run",
         "-A",
         "--quiet",
-        "main.ts",
+        MAIN,
         "attach",
         "--device",
         loop.path,
