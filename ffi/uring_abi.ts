@@ -23,6 +23,9 @@ export const IORING_SETUP = {
   DEFER_TASKRUN: 0x2000,
 } as const;
 
+/** Block-device io_uring commands (linux/blkdev.h, 6.12+): sqe->addr = offset, sqe->addr3 = length. */
+export const BLOCK_URING_CMD_DISCARD = 0x1200;
+
 /** SQE flags. */
 export const IOSQE = { FIXED_FILE: 1, IO_DRAIN: 2, IO_LINK: 4, IO_HARDLINK: 8, ASYNC: 16 } as const;
 
@@ -46,6 +49,7 @@ export const SQE = {
   bufIndex: 40, // u16
   personality: 42, // u16
   fileIndex: 44, // u32
+  addr3: 48, // u64 (overlaps the command area)
   cmd: 48, // 16 bytes, or 80 with SQE128
 } as const;
 

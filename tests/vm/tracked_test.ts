@@ -20,6 +20,7 @@ import {
   ublkNodes,
   vmTest,
 } from "./_helpers.ts";
+import { BLK, O, openLibc } from "../../ffi/libc.ts";
 
 interface Status {
   running: boolean;
@@ -275,6 +276,65 @@ vmTest(
       const log = await Deno.readTextFile(cli.socket.replace(/[^/]+$/, "daemon.log"));
       assertMatch(log, /FATAL: ublk device \d+ queue \d+ failed: .*injected failure/);
     } finally {
+      await cli.stopDaemon();
+      await loop.destroy();
+    }
+    assertNoUblkDevices();
+  },
+);
+
+vmTest(
+  "discard through the tracked device reaches the original, and only the discarded range",
+  async () => {
+    const cli = new Cli("discard");
+    const loop = await Loop.create(64);
+    const libc = openLibc();
+    try {
+      const tracked = await cli.ok("attach", "--device", loop.path);
+      const data = pseudoRandomBytes(99, 16 << 20);
+      const f = await Deno.open(tracked, { write: true });
+      await f.write(data);
+      f.syncSync();
+      f.close();
+      const before = Deno.statSync(loop.file).blocks!;
+      assert(before >= (16 << 20) / 512, `backing file holds the data (${before} blocks)`);
+
+      const fd = libc.open(tracked, O.RDWR | O.CLOEXEC);
+      try {
+        const range = new BigUint64Array([0n, BigInt(8 << 20)]);
+        libc.check(
+          libc.sym.ioctl(fd, BLK.BLKDISCARD, new Uint8Array(range.buffer)),
+          "ioctl(BLKDISCARD)",
+        );
+      } finally {
+        libc.close(fd);
+      }
+      const after = Deno.statSync(loop.file).blocks!;
+      // The loop device over tmpfs punches the discarded range out of its file.
+      assert(
+        before - after >= (8 << 20) / 512,
+        `discard did not reach the original: ${before} -> ${after} blocks`,
+      );
+      const back = await Deno.readFile(tracked);
+      assert(
+        back.subarray(0, 8 << 20).every((b) => b === 0),
+        "discarded range reads back as zeroes here",
+      );
+      assertEquals(
+        await digest(back.subarray(8 << 20, 16 << 20)),
+        await digest(data.subarray(8 << 20)),
+      );
+      const st = await cli.json<
+        { devices: Array<{ queueStats: Array<{ discards: number; errors: number }> }> }
+      >(
+        "status",
+      );
+      const q = st.devices[0]!.queueStats;
+      assert(q.reduce((a, x) => a + x.discards, 0) > 0, "the queues served discards");
+      assertEquals(q.reduce((a, x) => a + x.errors, 0), 0);
+      await cli.ok("detach", "--device", loop.path);
+    } finally {
+      libc.unload();
       await cli.stopDaemon();
       await loop.destroy();
     }

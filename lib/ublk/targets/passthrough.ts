@@ -4,16 +4,24 @@
  * the queue's own io_uring.
  *
  * READ/WRITE use O_DIRECT on the original (the per-tag buffers are page
- * aligned), FUA becomes RWF_DSYNC, FLUSH becomes fdatasync, DISCARD becomes
- * fallocate(PUNCH_HOLE) (the block layer turns it into an unmapping
- * write-zeroes; a device without that support ignores the hint, which discard
- * allows). WRITE_ZEROES becomes fallocate(PUNCH_HOLE) too unless the request
- * forbids unmapping, falling back to fallocate(ZERO_RANGE), which the kernel
- * completes by writing zeroes when the device cannot.
+ * aligned), FUA becomes RWF_DSYNC, FLUSH becomes fdatasync. DISCARD becomes
+ * the block device's own asynchronous discard (BLOCK_URING_CMD_DISCARD,
+ * Linux 6.12+); where the kernel or the device refuses it, fallocate
+ * (PUNCH_HOLE), which the block layer turns into an unmapping write-zeroes,
+ * and where that is refused too the hint is dropped, which discard allows.
+ * WRITE_ZEROES becomes fallocate(PUNCH_HOLE) unless the request forbids
+ * unmapping, falling back to fallocate(ZERO_RANGE), which the kernel completes
+ * by writing zeroes when the device cannot.
  */
 import { ERRNO } from "../../../ffi/errno.ts";
 import { FALLOC_FL } from "../../../ffi/libc.ts";
-import { IORING_FSYNC_DATASYNC, IORING_OP, RWF_DSYNC, SQE } from "../../../ffi/uring_abi.ts";
+import {
+  BLOCK_URING_CMD_DISCARD,
+  IORING_FSYNC_DATASYNC,
+  IORING_OP,
+  RWF_DSYNC,
+  SQE,
+} from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_F, UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "../target.ts";
@@ -24,7 +32,9 @@ const ZERO_RANGE = FALLOC_FL.ZERO_RANGE | FALLOC_FL.KEEP_SIZE;
 export class PassthroughTarget implements UblkTarget {
   /** The op each tag is serving, to interpret its completion. */
   readonly #ops: Uint8Array;
-  /** WRITE_ZEROES range per tag, for the ZERO_RANGE retry. */
+  /** Cleared when the kernel refuses BLOCK_URING_CMD_DISCARD: use fallocate from then on. */
+  #uringDiscard = true;
+  /** DISCARD and WRITE_ZEROES range per tag, for the fallback. */
   readonly #offsets: Float64Array;
   readonly #lengths: Uint32Array;
 
@@ -54,8 +64,16 @@ export class PassthroughTarget implements UblkTarget {
         break;
       }
       case UBLK_IO_OP.DISCARD:
-        // fallocate SQE: off = offset, addr = length, len = mode.
-        prep(q, IORING_OP.FALLOCATE, bytes, PUNCH_HOLE, offset, tag, 0);
+        this.#offsets[tag] = offset;
+        this.#lengths[tag] = bytes;
+        if (this.#uringDiscard) {
+          const off = prep(q, IORING_OP.URING_CMD, offset, 0, 0, tag, 0);
+          q.ring.sqeU32[(off + SQE.cmdOp) >> 2] = BLOCK_URING_CMD_DISCARD;
+          q.ring.setU64(off + SQE.addr3, bytes);
+        } else {
+          // fallocate SQE: off = offset, addr = length, len = mode.
+          prep(q, IORING_OP.FALLOCATE, bytes, PUNCH_HOLE, offset, tag, 1);
+        }
         break;
       case UBLK_IO_OP.WRITE_ZEROES:
         this.#offsets[tag] = offset;
@@ -77,6 +95,20 @@ export class PassthroughTarget implements UblkTarget {
         // A short transfer is committed as such; the kernel requeues the rest.
         return res;
       case UBLK_IO_OP.DISCARD:
+        if (sub === 0 && (res === -ERRNO.EOPNOTSUPP || res === -ERRNO.EINVAL)) {
+          // Before 6.12 (EINVAL: unknown command) or a device without discard.
+          this.#uringDiscard = false;
+          prep(
+            q,
+            IORING_OP.FALLOCATE,
+            this.#lengths[tag]!,
+            PUNCH_HOLE,
+            this.#offsets[tag]!,
+            tag,
+            1,
+          );
+          return PENDING;
+        }
         return res === -ERRNO.EOPNOTSUPP ? 0 : Math.min(res, 0);
       case UBLK_IO_OP.WRITE_ZEROES:
         if (res === -ERRNO.EOPNOTSUPP && sub === 0) {
