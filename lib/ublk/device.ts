@@ -165,31 +165,24 @@ export class UblkDevice {
         }),
       );
       this.#exited.push(new Promise<void>((res) => (onExit = res)));
+      const fail = (message: string) => {
+        this.#failure ??= message;
+        onFail(new Error(message));
+        onExit();
+        if (!fatalReported && this.#started) {
+          fatalReported = true;
+          opts.onFatal?.(message);
+        }
+      };
       worker.onmessage = (ev: MessageEvent<QueueWorkerReport>) => {
         const r = ev.data;
         if (r.type === "ready") onReady();
         else if (r.type === "exited") onExit();
-        else {
-          const err = new Error(`ublk device ${this.devId} queue ${r.qId} failed: ${r.message}`);
-          this.#failure ??= err.message;
-          onFail(err);
-          onExit();
-          if (!fatalReported && this.#started) {
-            fatalReported = true;
-            opts.onFatal?.(err.message);
-          }
-        }
+        else fail(`ublk device ${this.devId} queue ${r.qId} failed: ${r.message}`);
       };
       worker.onerror = (ev) => {
         ev.preventDefault();
-        const err = new Error(`ublk device ${this.devId} queue ${qId} crashed: ${ev.message}`);
-        this.#failure ??= err.message;
-        onFail(err);
-        onExit();
-        if (!fatalReported && this.#started) {
-          fatalReported = true;
-          opts.onFatal?.(err.message);
-        }
+        fail(`ublk device ${this.devId} queue ${qId} crashed: ${ev.message}`);
       };
       const init: QueueWorkerInit = {
         type: "init",

@@ -70,17 +70,13 @@ export class PassthroughTarget implements UblkTarget {
           const off = prep(q, IORING_OP.URING_CMD, offset, 0, 0, tag, 0);
           q.ring.sqeU32[(off + SQE.cmdOp) >> 2] = BLOCK_URING_CMD_DISCARD;
           q.ring.setU64(off + SQE.addr3, bytes);
-        } else {
-          // fallocate SQE: off = offset, addr = length, len = mode.
-          prep(q, IORING_OP.FALLOCATE, bytes, PUNCH_HOLE, offset, tag, 1);
-        }
+        } else this.#fallocate(q, tag, PUNCH_HOLE, 1);
         break;
       case UBLK_IO_OP.WRITE_ZEROES:
         this.#offsets[tag] = offset;
         this.#lengths[tag] = bytes;
-        if (req.flags & UBLK_IO_F.NOUNMAP) {
-          prep(q, IORING_OP.FALLOCATE, bytes, ZERO_RANGE, offset, tag, 1);
-        } else prep(q, IORING_OP.FALLOCATE, bytes, PUNCH_HOLE, offset, tag, 0);
+        if (req.flags & UBLK_IO_F.NOUNMAP) this.#fallocate(q, tag, ZERO_RANGE, 1);
+        else this.#fallocate(q, tag, PUNCH_HOLE, 0);
         break;
       default:
         return -ERRNO.EOPNOTSUPP;
@@ -98,35 +94,25 @@ export class PassthroughTarget implements UblkTarget {
         if (sub === 0 && (res === -ERRNO.EOPNOTSUPP || res === -ERRNO.EINVAL)) {
           // Before 6.12 (EINVAL: unknown command) or a device without discard.
           this.#uringDiscard = false;
-          prep(
-            q,
-            IORING_OP.FALLOCATE,
-            this.#lengths[tag]!,
-            PUNCH_HOLE,
-            this.#offsets[tag]!,
-            tag,
-            1,
-          );
+          this.#fallocate(q, tag, PUNCH_HOLE, 1);
           return PENDING;
         }
         return res === -ERRNO.EOPNOTSUPP ? 0 : Math.min(res, 0);
       case UBLK_IO_OP.WRITE_ZEROES:
         if (res === -ERRNO.EOPNOTSUPP && sub === 0) {
-          prep(
-            q,
-            IORING_OP.FALLOCATE,
-            this.#lengths[tag]!,
-            ZERO_RANGE,
-            this.#offsets[tag]!,
-            tag,
-            1,
-          );
+          this.#fallocate(q, tag, ZERO_RANGE, 1);
           return PENDING;
         }
         return Math.min(res, 0);
       default:
         return Math.min(res, 0);
     }
+  }
+
+  /** fallocate(`mode`) over the tag's stored range; `sub` 1 marks the last attempt. */
+  #fallocate(q: QueueContext, tag: number, mode: number, sub: number): void {
+    // fallocate SQE: off = offset, addr = length, len = mode.
+    prep(q, IORING_OP.FALLOCATE, this.#lengths[tag]!, mode, this.#offsets[tag]!, tag, sub);
   }
 }
 
