@@ -45,6 +45,8 @@ export const LIBC_SYMBOLS = {
   execv: { parameters: ["buffer", "buffer"], result: "i32" },
   // ssize_t write(int fd, const void *buf, size_t count)
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  // int flock(int fd, int operation)
+  flock: { parameters: ["i32", "i32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 export type LibcSymbols = Deno.DynamicLibrary<typeof LIBC_SYMBOLS>["symbols"];
@@ -67,6 +69,10 @@ export const O = {
 export const PROT = { READ: 1, WRITE: 2 } as const;
 export const MAP = { SHARED: 1, PRIVATE: 2, ANONYMOUS: 0x20, POPULATE: 0x8000 } as const;
 export const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
+/** flock(2) operations. */
+export const LOCK = { EX: 2, NB: 4, UN: 8 } as const;
+/** Filesystem freeze ioctls (linux/fs.h): _IOWR('X', 119/120, int). */
+export const FS_IOC = { FIFREEZE: 0xc0045877n, FITHAW: 0xc0045878n } as const;
 export const PR_SET_IO_FLUSHER = 57;
 export const CLONE_NEWNS = 0x0002_0000;
 export const EFD_CLOEXEC = 0o2000000;
@@ -80,6 +86,36 @@ export const BLK = {
   BLKPBSZGET: 0x127bn, // unsigned int: physical block size
   BLKFLSBUF: 0x1261n,
   BLKDISCARD: 0x1277n, // u64[2]: offset, length
+} as const;
+
+/**
+ * FIEMAP (linux/fiemap.h): a file's extents on its block device.
+ * `struct fiemap` is a 32-byte header (u64 fm_start, u64 fm_length, u32 fm_flags,
+ * u32 fm_mapped_extents, u32 fm_extent_count, u32 fm_reserved) followed by
+ * fm_extent_count `struct fiemap_extent` of 56 bytes (u64 fe_logical,
+ * u64 fe_physical, u64 fe_length, u64 fe_reserved64[2], u32 fe_flags,
+ * u32 fe_reserved[3]).
+ */
+export const FIEMAP = {
+  FS_IOC_FIEMAP: 0xc020_660bn, // _IOWR('f', 11, struct fiemap)
+  HEADER_BYTES: 32,
+  EXTENT_BYTES: 56,
+  /** fm_length meaning "to the end of the file" (FIEMAP_MAX_OFFSET). */
+  MAX_OFFSET: 0xffff_ffff_ffff_ffffn,
+  /** fm_flags: write dirty pages (and delayed allocations) back first. */
+  FLAG_SYNC: 0x1,
+  /** fe_flags. */
+  EXTENT_LAST: 0x1,
+  EXTENT_UNKNOWN: 0x2,
+  EXTENT_DELALLOC: 0x4,
+  EXTENT_ENCODED: 0x8,
+  EXTENT_DATA_ENCRYPTED: 0x80,
+  EXTENT_NOT_ALIGNED: 0x100,
+  EXTENT_DATA_INLINE: 0x200,
+  EXTENT_DATA_TAIL: 0x400,
+  EXTENT_UNWRITTEN: 0x800,
+  EXTENT_MERGED: 0x1000,
+  EXTENT_SHARED: 0x2000,
 } as const;
 
 /** A loaded libc with errno-checking helpers. */

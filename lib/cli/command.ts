@@ -4,8 +4,9 @@
  * output in text or JSON, and the exit statuses.
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { Client, NoDaemonError, startDaemon } from "../daemon/client.ts";
+import { Client, DaemonUnavailableError, NoDaemonError, startDaemon } from "../daemon/client.ts";
 import { DEFAULT_SOCKET_PATH } from "../daemon/server.ts";
+import type { ArgsOf, Op, Request, ResultOf } from "../daemon/protocol.ts";
 
 /** Exit statuses (README "Exit status"). */
 export const EXIT = {
@@ -27,6 +28,13 @@ export interface Command {
   /** Full help text after the usage line. */
   help: string;
   options: OptionSpec;
+  /**
+   * Options that take several values after one flag, like the tool's boost
+   * "multitoken" options (`-d /dev/sda /dev/sdb`): the words that follow such
+   * an option, up to the next option, are more values of it. They must be
+   * declared `multiple: true`.
+   */
+  multitoken?: string[];
   /** Commands that talk to the daemon get a Context; `daemon`, `version`, `help` do not need one. */
   run(ctx: Context, values: Values, positionals: string[]): Promise<number>;
 }
@@ -38,6 +46,16 @@ export class UsageError extends Error {
   constructor(message: string) {
     super(message);
     this.name = "UsageError";
+  }
+}
+
+/** The operation failed on this side (a file that does not exist...): exit 1. */
+export class CommandError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = "CommandError";
+    this.code = code;
   }
 }
 
@@ -74,27 +92,89 @@ export class Context {
     return this.#client;
   }
 
+  /**
+   * A connection to a running daemon; never starts one. Without a daemon
+   * nothing is tracked and no snapshot exists: NoDaemonError (exit 3) whose
+   * message ends with `consequence`.
+   */
+  async runningDaemon(consequence: string): Promise<Client> {
+    try {
+      return await this.daemon(false);
+    } catch (err) {
+      if (err instanceof NoDaemonError) throw new NoDaemonError(`${err.message}: ${consequence}`);
+      throw err;
+    }
+  }
+
+  /**
+   * One request with the types of protocol.ts. A connection the daemon broke
+   * (it exited meanwhile) is DaemonUnavailableError (exit 3), like a closed one.
+   */
+  async call<O extends Op>(client: Client, op: O, args: ArgsOf<O>): Promise<ResultOf<O>> {
+    try {
+      return await client.request(op as Op, args as Request["args"]) as ResultOf<O>;
+    } catch (err) {
+      if (
+        err instanceof Deno.errors.BrokenPipe || err instanceof Deno.errors.ConnectionReset ||
+        err instanceof Deno.errors.ConnectionAborted || err instanceof Deno.errors.UnexpectedEof
+      ) {
+        throw new DaemonUnavailableError(`The daemon closed the connection (${err.message})`);
+      }
+      throw err;
+    }
+  }
+
   close(): void {
     this.#client?.close();
   }
 
-  /** Prints `text` or, with --json, the value as one line of JSON. */
-  print(value: unknown, text: string): void {
-    console.log(this.json ? JSON.stringify(value) : text);
+  /**
+   * Prints `text` or, with --json, the value as one line of JSON. A `text`
+   * of null prints nothing (commands that are silent on success, like the tool).
+   */
+  print(value: unknown, text: string | null): void {
+    if (this.json) console.log(JSON.stringify(value));
+    else if (text !== null) console.log(text);
   }
 }
 
-export function parseCommandLine(cmd: Command, argv: string[]) {
+export function parseCommandLine(
+  cmd: Command,
+  argv: string[],
+): { values: Values; positionals: string[] } {
+  let parsed;
   try {
-    return parseArgs({
+    parsed = parseArgs({
       args: argv,
       options: { ...COMMON_OPTIONS, ...cmd.options },
       allowPositionals: true,
       strict: true,
+      tokens: true,
     });
   } catch (err) {
     throw new UsageError((err as Error).message.split(". To specify a positional")[0]!);
   }
+  const values: Values = { ...parsed.values };
+  const multi = new Set(cmd.multitoken ?? []);
+  if (multi.size === 0) return { values, positionals: parsed.positionals };
+  // Words after a multitoken option, up to the next option or "--", are its values
+  // (in command-line order).
+  for (const name of multi) delete values[name];
+  const positionals: string[] = [];
+  let owner: string | undefined;
+  const add = (name: string, value: string) => {
+    const list = values[name];
+    values[name] = [...(Array.isArray(list) ? list : []), value];
+  };
+  for (const t of parsed.tokens) {
+    if (t.kind === "option") {
+      owner = multi.has(t.name) ? t.name : undefined;
+      if (owner !== undefined && t.value !== undefined) add(owner, t.value);
+    } else if (t.kind === "option-terminator") owner = undefined;
+    else if (owner !== undefined) add(owner, t.value);
+    else positionals.push(t.value);
+  }
+  return { values, positionals };
 }
 
 export function requireString(values: Values, name: string, cmd: Command): string {

@@ -4,8 +4,14 @@
 import { resolve } from "node:path";
 import { type Command, EXIT, noPositionals, requireString } from "./command.ts";
 import { NoDaemonError } from "../daemon/client.ts";
-import type { TrackedInfo } from "../daemon/daemon.ts";
-import type { QueueStats } from "../ublk/device.ts";
+import { errnoDescription } from "../errno.ts";
+import type {
+  DeviceStatus,
+  QueueStats,
+  SnapshotStatus,
+  StatusResult,
+  TrackedInfo,
+} from "../daemon/protocol.ts";
 
 export const attach: Command = {
   name: "attach",
@@ -27,7 +33,7 @@ Example:
     // The daemon's working directory is not the caller's.
     const device = resolve(requireString(values, "device", this));
     const client = await ctx.daemon();
-    const info = await client.request("attach", { device }) as TrackedInfo;
+    const info: TrackedInfo = await ctx.call(client, "attach", { device });
     ctx.print(info, info.tracked);
     return EXIT.OK;
   },
@@ -47,29 +53,23 @@ The data stays on the original, which can then be mounted directly.`,
     noPositionals(this, positionals);
     const device = resolve(requireString(values, "device", this));
     const client = await ctx.daemon(false);
-    const info = await client.request("detach", { device }) as TrackedInfo;
+    const info: TrackedInfo = await ctx.call(client, "detach", { device });
     ctx.print(info, `${info.original} detached (${info.tracked} removed)`);
     return EXIT.OK;
   },
 };
-
-interface StatusResult {
-  version: string;
-  pid: number;
-  startedAt: string;
-  socket: string;
-  ublkFeatures: string[];
-  devices: Array<TrackedInfo & { queueStats: QueueStats[] }>;
-  foreignDevices: Array<{ ublkId: number; state: string; pid: number; pidAlive: boolean }>;
-}
 
 export const status: Command = {
   name: "status",
   summary: "Show the daemon and every tracked device.",
   usage: "blksnap status",
   help: `Prints the daemon's pid and the ublk features of the kernel, then one line per
-tracked device: original, tracked device, size, queues x depth. Does not start
-the daemon: when none runs it says so and exits 0.`,
+tracked device: original, tracked device, size, queues x depth, block sizes,
+user recovery, bytes read and written, I/O errors, and the change tracker
+(CBT: the first 8 digits of the generation id / the change number). Then each
+snapshot: its UUID, taken (when) or not, its error code, its difference storage
+(path, kind, used / capacity / limit) and its devices with their images.
+Does not start the daemon: when none runs it says so and exits 0.`,
   options: {},
   async run(ctx, _values, positionals) {
     noPositionals(this, positionals);
@@ -81,7 +81,7 @@ the daemon: when none runs it says so and exits 0.`,
       ctx.print({ running: false, devices: [] }, "daemon: not running\nno tracked devices");
       return EXIT.OK;
     }
-    const s = await client.request("status", {}) as StatusResult;
+    const s: StatusResult = await ctx.call(client, "status", {});
     const lines = [
       `daemon: running, pid ${s.pid}, since ${s.startedAt}, version ${s.version}`,
       `socket: ${s.socket}`,
@@ -99,6 +99,7 @@ the daemon: when none runs it says so and exits 0.`,
         "READ",
         "WRITTEN",
         "ERRORS",
+        "CBT",
       ]];
       for (const d of s.devices) {
         const total = (k: keyof QueueStats) => d.queueStats.reduce((a, q) => a + q[k], 0);
@@ -112,10 +113,12 @@ the daemon: when none runs it says so and exits 0.`,
           formatBytes(total("bytesRead")),
           formatBytes(total("bytesWritten")),
           String(total("errors")),
+          cbtColumn(d),
         ]);
       }
       lines.push(...table(rows));
     }
+    if (s.snapshots !== undefined) lines.push(...snapshotLines(s.snapshots));
     for (const f of s.foreignDevices) {
       lines.push(
         `warning: /dev/ublkb${f.ublkId} is not this daemon's: ${f.state}, server pid ${f.pid}` +
@@ -126,6 +129,33 @@ the daemon: when none runs it says so and exits 0.`,
     return EXIT.OK;
   },
 };
+
+/** "1a2b3c4d/3": the generation id's first 8 digits and the change number; "-" without CBT. */
+function cbtColumn(d: DeviceStatus): string {
+  return d.cbt ? `${d.cbt.generationId.slice(0, 8)}/${d.cbt.changesNumber}` : "-";
+}
+
+export function snapshotLines(snapshots: SnapshotStatus[]): string[] {
+  if (snapshots.length === 0) return ["no snapshots"];
+  const lines: string[] = [];
+  for (const sn of snapshots) {
+    const state = sn.taken ? `taken ${sn.takenAt ?? ""}`.trimEnd() : "created, not taken";
+    const error = sn.errorCode === 0
+      ? "error_code=0"
+      : `error_code=${sn.errorCode} (corrupted: ${errnoDescription(Math.abs(sn.errorCode))})`;
+    const st = sn.storage;
+    lines.push(
+      `snapshot ${sn.id}: ${state}, ${error}`,
+      `  storage: ${st.path} (${st.kind}), used ${formatBytes(st.filledBytes)} of ` +
+        `${formatBytes(st.capacityBytes)}, limit ${formatBytes(st.limitBytes)}`,
+    );
+    if (sn.devices.length === 0) lines.push("  no devices");
+    for (const d of sn.devices) {
+      lines.push(`  ${d.original} (${d.tracked}) -> ${d.image ?? "(no image until taken)"}`);
+    }
+  }
+  return lines;
+}
 
 export function formatBytes(n: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

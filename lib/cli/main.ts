@@ -2,15 +2,52 @@
  * The command line: find the command, parse its options, run it, and turn
  * every error into a message on stderr and an exit status.
  */
-import { type Command, Context, EXIT, helpText, parseCommandLine, UsageError } from "./command.ts";
+import {
+  type Command,
+  CommandError,
+  Context,
+  EXIT,
+  helpText,
+  parseCommandLine,
+  UsageError,
+} from "./command.ts";
 import { attach, detach, status } from "./devices.ts";
+import { cbtinfo, markdirtyblock, readcbtmap } from "./cbt.ts";
+import {
+  snapshot_add,
+  snapshot_collect,
+  snapshot_create,
+  snapshot_destroy,
+  snapshot_info,
+  snapshot_take,
+  snapshot_waitevent,
+  snapshot_watcher,
+} from "./snapshot.ts";
 import { daemon } from "./daemon_cmd.ts";
 import { makeHelp, overview, version } from "./info.ts";
 import { DaemonError, DaemonUnavailableError } from "../daemon/client.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
 
 const help = makeHelp(() => COMMANDS);
-const COMMANDS: Command[] = [version, attach, detach, status, daemon, help];
+const COMMANDS: Command[] = [
+  version,
+  attach,
+  detach,
+  status,
+  cbtinfo,
+  readcbtmap,
+  markdirtyblock,
+  snapshot_create,
+  snapshot_add,
+  snapshot_take,
+  snapshot_info,
+  snapshot_waitevent,
+  snapshot_watcher,
+  snapshot_collect,
+  snapshot_destroy,
+  daemon,
+  help,
+];
 
 export async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
@@ -47,6 +84,7 @@ export async function main(argv: string[]): Promise<number> {
       );
     }
     if (err instanceof DaemonError) return fail(json, EXIT.FAILED, err.code, err.message);
+    if (err instanceof CommandError) return fail(json, EXIT.FAILED, err.code, err.message);
     if (err instanceof DaemonUnavailableError) {
       return fail(json, EXIT.NO_DAEMON, "ESRCH", err.message);
     }

@@ -18,8 +18,11 @@ import {
   readGeometry,
   splitDevT,
 } from "./block_device.ts";
-import { PROTOCOL_VERSION } from "./protocol.ts";
+import { type ArgsOf, PROTOCOL_VERSION, type SectorRange } from "./protocol.ts";
 import { BlksnapError } from "../engine/errors.ts";
+import { DevicePipe } from "./pipe.ts";
+import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
+import { Buffer } from "node:buffer";
 
 export interface DaemonOptions {
   params: Params;
@@ -50,10 +53,9 @@ export interface TrackedInfo {
   attachedAt: string;
 }
 
-interface Tracked {
+interface Tracked extends SnapshotDevice {
   info: TrackedInfo;
   device: UblkDevice;
-  originalFd: number;
   detaching: boolean;
 }
 
@@ -69,11 +71,105 @@ export class Daemon {
   #shuttingDown = false;
   /** Attaches, detaches and removals under way; shutdown waits for them. */
   readonly #inflight = new Set<Promise<unknown>>();
+  readonly snapshots: Snapshots;
 
   private constructor(libc: Libc, ctrl: UblkControl, options: DaemonOptions) {
     this.#libc = libc;
     this.#ctrl = ctrl;
     this.options = options;
+    this.snapshots = new Snapshots({
+      libc,
+      ctrl,
+      params: options.params,
+      queues: options.queues,
+      queueDepth: options.queueDepth,
+      maxIoBufBytes: options.maxIoBufBytes,
+      device: (path, verb, attach) => this.#deviceFor(path, verb, attach),
+      log,
+    });
+  }
+
+  /** The tracked device for `path` (original, tracked device or /dev/block/MAJ:MIN). */
+  tracked(path: string, verb: string): Tracked {
+    const id = identifyBlockDevice(path, verb);
+    const t = this.#find(id);
+    if (!t || t.detaching) {
+      throw new BlksnapError(
+        "ENOENT",
+        `Cannot ${verb} "${path}": it is not tracked (run "blksnap attach --device ${path}" first)`,
+      );
+    }
+    return t;
+  }
+
+  async #deviceFor(path: string, verb: string, attach: boolean): Promise<Tracked> {
+    const id = identifyBlockDevice(path, verb);
+    const t = this.#find(id);
+    if (t && !t.detaching) return t;
+    if (!attach) return this.tracked(path, verb);
+    log(`${path} is not tracked: attaching it to ${verb}`);
+    await this.attach(path);
+    return this.tracked(path, verb);
+  }
+
+  cbtInfo(path: string) {
+    const t = this.tracked(path, "read the CBT of");
+    const info = t.pipe.cbt.info();
+    return {
+      device: t.info.original,
+      tracked: t.info.tracked,
+      blockSize: info.blockSizeBytes,
+      deviceCapacity: info.deviceCapacityBytes,
+      blockCount: info.blockCount,
+      generationId: info.generationId,
+      changesNumber: info.changesNumber,
+    };
+  }
+
+  readCbtMap(path: string) {
+    const t = this.tracked(path, "read the CBT map of");
+    const info = this.cbtInfo(path);
+    const map = t.pipe.cbt.read(0, info.blockCount);
+    return { ...info, map: Buffer.from(map.buffer, map.byteOffset, map.length).toString("base64") };
+  }
+
+  markDirty(path: string, ranges: SectorRange[]) {
+    const t = this.tracked(path, "mark dirty blocks of");
+    const sectors = t.info.sizeBytes / 512;
+    for (const r of ranges) {
+      if (r.sector + r.count > sectors) {
+        throw new BlksnapError(
+          "EINVAL",
+          `Range ${r.sector}:${r.count} is past the end of ${t.info.original} (${sectors} sectors)`,
+        );
+      }
+    }
+    for (const r of ranges) t.pipe.cbt.markBoth(r.sector, r.count);
+    return { device: t.info.original, tracked: t.info.tracked, ranges };
+  }
+
+  snapshotCreate(args: ArgsOf<"snapshot_create">) {
+    return this.snapshots.create(args);
+  }
+  snapshotAdd(args: ArgsOf<"snapshot_add">) {
+    return this.snapshots.add(args.id, args.device);
+  }
+  snapshotTake(id: string) {
+    return this.snapshots.take(id);
+  }
+  snapshotDestroy(id: string) {
+    return this.snapshots.destroy(id);
+  }
+  snapshotCollect() {
+    return this.snapshots.collect();
+  }
+  snapshotWaitEvent(id: string, timeoutMs: number) {
+    return this.snapshots.waitEvent(id, timeoutMs);
+  }
+
+  snapshotInfo(path: string) {
+    const t = this.tracked(path, "get the snapshot of");
+    return { device: t.info.original, ...this.snapshots.info(t) };
   }
 
   static async start(libc: Libc, uring: LiburingSymbols, options: DaemonOptions): Promise<Daemon> {
@@ -134,10 +230,21 @@ export class Daemon {
       startedAt: this.startedAt.toISOString(),
       socket: this.options.socketPath,
       params: this.options.params,
-      devices: [...this.#tracked.values()].map((t) => ({
-        ...t.info,
-        queueStats: t.device.stats(),
-      })),
+      devices: [...this.#tracked.values()].map((t) => {
+        const cbt = t.pipe.cbt.info();
+        return {
+          ...t.info,
+          queueStats: t.device.stats(),
+          snapshotId: t.snapshotId,
+          cbt: {
+            blockSize: cbt.blockSizeBytes,
+            blockCount: cbt.blockCount,
+            generationId: cbt.generationId,
+            changesNumber: cbt.changesNumber,
+          },
+        };
+      }),
+      snapshots: this.snapshots.status(),
     };
   }
 
@@ -185,16 +292,23 @@ export class Daemon {
     this.#attaching.add(id.key);
     let fd = -1;
     let device: UblkDevice | undefined;
+    let pipe: DevicePipe | undefined;
     try {
       fd = openExclusive(this.#libc, id, "attach");
       const geo = readGeometry(this.#libc, fd, id);
       validateGeometry(path, geo);
+      pipe = new DevicePipe(this.#libc, {
+        sizeBytes: geo.sizeBytes,
+        minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+        params: this.options.params,
+        queues: this.options.queues,
+      });
       device = await UblkDevice.create(this.#ctrl, this.#libc, {
         queues: this.options.queues,
         depth: this.options.queueDepth,
         maxIoBufBytes: this.options.maxIoBufBytes,
         params: deviceParams(geo, this.options.maxIoBufBytes),
-        target: { kind: "passthrough", originalFd: fd },
+        target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
         recovery: true,
         onFatal: (message) => this.#onQueueFatal(id.key, message),
       });
@@ -213,9 +327,24 @@ export class Daemon {
         userRecovery: device.recovery,
         attachedAt: new Date().toISOString(),
       };
-      this.#tracked.set(id.key, { info, device, originalFd: fd, detaching: false });
+      this.#tracked.set(id.key, {
+        info,
+        device,
+        originalFd: fd,
+        detaching: false,
+        original: path,
+        originalKey: id.key,
+        tracked: info.tracked,
+        trackedKey: info.trackedDevice,
+        sizeBytes: geo.sizeBytes,
+        logicalBlockSize: geo.logicalBlockSize,
+        physicalBlockSize: geo.physicalBlockSize,
+        pipe,
+        snapshotId: null,
+      });
       fd = -1;
       device = undefined;
+      pipe = undefined;
       log(`attached ${path} (${id.key}) as ${info.tracked}`);
       // A queue that failed after START_DEV but before this entry existed.
       const t = this.#tracked.get(id.key)!;
@@ -227,6 +356,7 @@ export class Daemon {
         const created = device;
         await created.destroy().catch((e) => log(`removing ${created.blockPath} failed: ${e}`));
       }
+      pipe?.close();
       throw err;
     } finally {
       this.#attaching.delete(id.key);
@@ -241,6 +371,12 @@ export class Daemon {
     if (!t) throw new BlksnapError("ENOENT", `Cannot detach "${path}": it is not tracked`);
     if (t.detaching) {
       throw new BlksnapError("EALREADY", `Cannot detach "${path}": a detach is in progress`);
+    }
+    if (t.snapshotId !== null) {
+      throw new BlksnapError(
+        "EBUSY",
+        `Cannot detach "${path}": it is in snapshot ${t.snapshotId} (blksnap snapshot_destroy --id ${t.snapshotId} first)`,
+      );
     }
     // Hold the tracked device exclusively while it goes away: refuses when it is
     // mounted, and keeps anyone from mounting it during the teardown.
@@ -268,11 +404,21 @@ export class Daemon {
   }
 
   async #remove(t: Tracked, afterStop?: () => void): Promise<void> {
+    if (t.snapshotId !== null) {
+      // A failed device takes its snapshot with it (images first).
+      await this.snapshots.destroy(t.snapshotId).catch((err) =>
+        log(`destroying snapshot ${t.snapshotId} of ${t.info.original} failed: ${err}`)
+      );
+    }
     this.#tracked.delete(t.info.originalDevice);
+    // Parked writes must go before STOP_DEV can complete.
+    t.pipe.ctl.openGate();
+    t.pipe.stopCow();
     await t.device.destroy(afterStop);
     // Only once every queue has exited: a queue still using the number would
     // write into whatever file reuses it.
     this.#libc.close(t.originalFd);
+    t.pipe.close();
   }
 
   #onQueueFatal(key: string, message: string): void {
@@ -297,6 +443,7 @@ export class Daemon {
     this.#shuttingDown = true;
     // Let attaches and detaches under way finish; what they leave is removed below.
     await Promise.allSettled([...this.#inflight]);
+    await this.snapshots.destroyAll();
     const all = [...this.#tracked.values()];
     if (all.length > 0) {
       this.#libc.sym.sync();

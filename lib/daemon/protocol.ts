@@ -10,10 +10,18 @@
  * is echoed. Every request is validated here before any handler sees it.
  */
 import { BlksnapError } from "../engine/errors.ts";
+import type { Params } from "../engine/params.ts";
+import type { QueueStats } from "../ublk/device.ts";
 
 export const PROTOCOL_VERSION = 1;
 /** Longest request line accepted; longer input is an error, not a buffer. */
 export const MAX_LINE_BYTES = 64 * 1024;
+
+/** A range of 512-byte sectors. */
+export interface SectorRange {
+  sector: number;
+  count: number;
+}
 
 export type Request =
   | { op: "ping"; args: Record<string, never> }
@@ -21,9 +29,30 @@ export type Request =
   | { op: "status"; args: Record<string, never> }
   | { op: "attach"; args: { device: string } }
   | { op: "detach"; args: { device: string } }
-  | { op: "shutdown"; args: Record<string, never> };
+  | { op: "shutdown"; args: Record<string, never> }
+  | { op: "cbtinfo"; args: { device: string } }
+  | { op: "readcbtmap"; args: { device: string } }
+  | { op: "markdirtyblock"; args: { device: string; ranges: SectorRange[] } }
+  | {
+    op: "snapshot_create";
+    /**
+     * `storage` is a regular file, a directory (an unnamed O_TMPFILE file is
+     * made in it) or a block device; the daemon opens it as
+     * `/proc/<clientPid>/root/<storage>` because it runs in a private mount
+     * namespace.
+     */
+    args: { devices: string[]; storage: string; limitBytes: number; clientPid: number };
+  }
+  | { op: "snapshot_add"; args: { id: string; device: string } }
+  | { op: "snapshot_take"; args: { id: string } }
+  | { op: "snapshot_destroy"; args: { id: string } }
+  | { op: "snapshot_collect"; args: Record<string, never> }
+  | { op: "snapshot_info"; args: { device: string } }
+  | { op: "snapshot_waitevent"; args: { id: string; timeoutMs: number } };
 
 export type Op = Request["op"];
+/** The arguments of one operation. */
+export type ArgsOf<O extends Op> = Extract<Request, { op: O }>["args"];
 
 export interface Envelope {
   v: number;
@@ -42,19 +71,270 @@ export type Reply =
   | { v: number; id: number; ok: true; result: unknown }
   | { v: number; id: number; ok: false; error: ErrorBody };
 
+// ---------------------------------------------------------------------------
+// Results: the `result` of a successful reply, per operation. The CLI and the
+// daemon both take these shapes from here.
+
+export type { QueueStats };
+
+export interface PingResult {
+  pong: true;
+}
+
+export interface ShutdownResult {
+  stopping: true;
+}
+
+export interface VersionResult {
+  version: string;
+  protocol: number;
+  pid: number;
+  ublkFeatures: string[];
+  ioctlEncoding: boolean;
+}
+
+/** A tracked device (the result of attach and detach). */
+export interface TrackedInfo {
+  /** The original's path as given to attach. */
+  original: string;
+  /** The original's MAJ:MIN. */
+  originalDevice: string;
+  /** The tracked device, /dev/ublkbN. */
+  tracked: string;
+  trackedDevice: string;
+  ublkId: number;
+  sizeBytes: number;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+  queues: number;
+  queueDepth: number;
+  userRecovery: boolean;
+  attachedAt: string;
+}
+
+/** A device's change tracker, as `status` shows it. */
+export interface CbtSummary {
+  blockSize: number;
+  blockCount: number;
+  generationId: string;
+  changesNumber: number;
+}
+
+export interface DeviceStatus extends TrackedInfo {
+  queueStats: QueueStats[];
+  /** Absent from daemons without CBT. */
+  cbt?: CbtSummary;
+}
+
+export interface ForeignDevice {
+  ublkId: number;
+  state: string;
+  pid: number;
+  pidAlive: boolean;
+}
+
+export interface StorageStatus {
+  /** The path given to snapshot_create (a directory for "tmpfile"). */
+  path: string;
+  kind: "file" | "tmpfile" | "blockdev";
+  capacityBytes: number;
+  filledBytes: number;
+  limitBytes: number;
+}
+
+export interface SnapshotDeviceStatus {
+  original: string;
+  tracked: string;
+  /** The snapshot image once taken, else null. */
+  image: string | null;
+}
+
+export interface SnapshotStatus {
+  id: string;
+  taken: boolean;
+  takenAt: string | null;
+  /** 0, or the negative errno that corrupted the snapshot. */
+  errorCode: number;
+  devices: SnapshotDeviceStatus[];
+  storage: StorageStatus;
+}
+
+export interface StatusResult extends VersionResult {
+  foreignDevices: ForeignDevice[];
+  startedAt: string;
+  socket: string;
+  params?: Params;
+  devices: DeviceStatus[];
+  /** Absent from daemons without snapshots. */
+  snapshots?: SnapshotStatus[];
+}
+
+export interface CbtInfoResult {
+  /** The original's path as tracked. */
+  device: string;
+  /** The tracked device, /dev/ublkbN. */
+  tracked: string;
+  /** Bytes per CBT block. */
+  blockSize: number;
+  /** Bytes. */
+  deviceCapacity: number;
+  blockCount: number;
+  /** A UUID; a new one whenever the map is reset. */
+  generationId: string;
+  /** 0..255: the change number of the last snapshot taken. */
+  changesNumber: number;
+}
+
+export interface ReadCbtMapResult extends CbtInfoResult {
+  /** base64 of blockCount bytes: the frozen (read) map, one change number per block. */
+  map: string;
+}
+
+export interface MarkDirtyResult {
+  device: string;
+  tracked: string;
+  ranges: SectorRange[];
+}
+
+export interface SnapshotCreateResult {
+  id: string;
+}
+
+export interface SnapshotAddResult {
+  id: string;
+  device: string;
+  tracked: string;
+  /** True when snapshot_add attached the device first. */
+  attached: boolean;
+}
+
+export interface SnapshotImage {
+  original: string;
+  tracked: string;
+  image: string;
+}
+
+export interface SnapshotTakeResult {
+  id: string;
+  images: SnapshotImage[];
+  /** The devices that were frozen (e.g. mount points) while the snapshot was taken. */
+  frozen: string[];
+}
+
+export interface SnapshotDestroyResult {
+  id: string;
+}
+
+export interface SnapshotCollectResult {
+  ids: string[];
+}
+
+export interface SnapshotInfoResult {
+  device: string;
+  /** The snapshot the device belongs to, or null. */
+  id: string | null;
+  /** 0, or the negative errno that corrupted the snapshot. */
+  errorCode: number;
+  /** The snapshot image's path, or "" when not taken. */
+  image: string;
+}
+
+/** Event codes (the kernel's blksnap_event_code). */
+export const EVENT_CODE = { corrupted: 0, no_space: 1 } as const;
+
+export type WaitEventResult =
+  | { result: "timeout" }
+  | {
+    result: "ok";
+    /** ms since the epoch. */
+    time: number;
+    event: "corrupted";
+    code: 0;
+    /** MAJ:MIN of the original. */
+    device: string;
+    /** Negative errno. */
+    errorCode: number;
+  }
+  | {
+    result: "ok";
+    time: number;
+    event: "no_space";
+    code: 1;
+    /** The size the difference storage asked to grow to, in sectors. */
+    requestedSectors: number;
+  };
+
+/** The result type of each operation. */
+export interface ResultMap {
+  ping: PingResult;
+  version: VersionResult;
+  status: StatusResult;
+  attach: TrackedInfo;
+  detach: TrackedInfo;
+  shutdown: ShutdownResult;
+  cbtinfo: CbtInfoResult;
+  readcbtmap: ReadCbtMapResult;
+  markdirtyblock: MarkDirtyResult;
+  snapshot_create: SnapshotCreateResult;
+  snapshot_add: SnapshotAddResult;
+  snapshot_take: SnapshotTakeResult;
+  snapshot_destroy: SnapshotDestroyResult;
+  snapshot_collect: SnapshotCollectResult;
+  snapshot_info: SnapshotInfoResult;
+  snapshot_waitevent: WaitEventResult;
+}
+
+export type ResultOf<O extends Op> = ResultMap[O];
+
 /** The reply body of an operating error. */
 export function errorBody(err: BlksnapError): ErrorBody {
   return { code: err.code, errno: err.errno, message: err.message };
 }
 
-const ARG_SPECS: Record<Op, Record<string, "string">> = {
+/** What an argument must be; each kind has one validator below. */
+type ArgKind =
+  /** A non-empty absolute path. */
+  | "path"
+  /** An array of 0..MAX_DEVICES paths. */
+  | "paths"
+  /** A UUID, 8-4-4-4-12 hex digits (canonicalised to lower case). */
+  | "uuid"
+  /** A safe integer >= 0 (the daemon refuses 0 itself, with a better message). */
+  | "bytes"
+  /** A safe integer > 0. */
+  | "pid"
+  /** A safe integer 0..2^31-1. */
+  | "timeout"
+  /** A non-empty array of at most MAX_RANGES {sector, count}. */
+  | "ranges";
+
+/** Most devices in one snapshot_create. */
+export const MAX_DEVICES = 64;
+/** Most ranges in one markdirtyblock (a request line is limited to MAX_LINE_BYTES too). */
+export const MAX_RANGES = 65536;
+/** Longest snapshot_waitevent wait. */
+export const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
+const ARG_SPECS: Record<Op, Record<string, ArgKind>> = {
   ping: {},
   version: {},
   status: {},
-  attach: { device: "string" },
-  detach: { device: "string" },
+  attach: { device: "path" },
+  detach: { device: "path" },
   shutdown: {},
+  cbtinfo: { device: "path" },
+  readcbtmap: { device: "path" },
+  markdirtyblock: { device: "path", ranges: "ranges" },
+  snapshot_create: { devices: "paths", storage: "path", limitBytes: "bytes", clientPid: "pid" },
+  snapshot_add: { id: "uuid", device: "path" },
+  snapshot_take: { id: "uuid" },
+  snapshot_destroy: { id: "uuid" },
+  snapshot_collect: {},
+  snapshot_info: { device: "path" },
+  snapshot_waitevent: { id: "uuid", timeoutMs: "timeout" },
 };
+
+export const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /** Parses and validates one request line; throws BlksnapError (EPROTO/EINVAL) when bad. */
 export function parseRequest(line: string): Envelope {
@@ -92,20 +372,84 @@ export function parseRequest(line: string): Envelope {
       throw new BlksnapError("EINVAL", `Operation "${op}": unknown argument "${key}"`);
     }
   }
-  for (const [key, type] of Object.entries(spec)) {
-    if (typeof a[key] !== type || (type === "string" && (a[key] as string).length === 0)) {
-      throw new BlksnapError("EINVAL", `Operation "${op}": argument "${key}" must be a ${type}`);
-    }
+  const out: Record<string, unknown> = {};
+  for (const [key, kind] of Object.entries(spec)) {
+    out[key] = VALIDATORS[kind](a[key], (what) => bad(op, key, what, a[key]));
   }
-  // Paths are resolved by the client: the daemon's working directory means nothing to it.
-  if (typeof a.device === "string" && !a.device.startsWith("/")) {
-    throw new BlksnapError(
-      "EINVAL",
-      `Operation "${op}": device must be an absolute path, not "${a.device}"`,
-    );
-  }
-  return { v: PROTOCOL_VERSION, id: r.id, op, args: a as Request["args"] };
+  return { v: PROTOCOL_VERSION, id: r.id, op, args: out as Request["args"] };
 }
+
+type Fail = (what: string) => never;
+
+function bad(op: string, key: string, what: string, value: unknown): never {
+  throw new BlksnapError(
+    "EINVAL",
+    `Operation "${op}": argument "${key}" must be ${what}, not ${describe(value)}`,
+  );
+}
+
+function describe(value: unknown): string {
+  if (value === undefined) return "missing";
+  const s = JSON.stringify(value) ?? String(value);
+  return s.length > 60 ? `${s.slice(0, 57)}...` : s;
+}
+
+function isInteger(v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): v is number {
+  return typeof v === "number" && Number.isSafeInteger(v) && v >= min && v <= max;
+}
+
+// Paths are resolved by the client: the daemon's working directory means nothing to it.
+function path(v: unknown, fail: Fail): string {
+  if (typeof v !== "string" || v.length === 0) return fail("a non-empty string");
+  if (!v.startsWith("/")) return fail("an absolute path");
+  if (v.includes("\0")) return fail("a path without NUL bytes");
+  return v;
+}
+
+const VALIDATORS: Record<ArgKind, (v: unknown, fail: Fail) => unknown> = {
+  path,
+  paths(v, fail) {
+    if (!Array.isArray(v) || v.length > MAX_DEVICES) {
+      return fail(`an array of at most ${MAX_DEVICES} absolute paths`);
+    }
+    return v.map((p: unknown) => path(p, fail));
+  },
+  uuid(v, fail) {
+    if (typeof v !== "string" || !UUID_RE.test(v)) return fail("a UUID (8-4-4-4-12 hex digits)");
+    return v.toLowerCase();
+  },
+  bytes(v, fail) {
+    if (!isInteger(v, 0)) return fail("an integer >= 0");
+    return v;
+  },
+  pid(v, fail) {
+    if (!isInteger(v, 1)) return fail("an integer > 0");
+    return v;
+  },
+  timeout(v, fail) {
+    if (!isInteger(v, 0, MAX_TIMEOUT_MS)) return fail(`an integer from 0 to ${MAX_TIMEOUT_MS}`);
+    return v;
+  },
+  ranges(v, fail) {
+    if (!Array.isArray(v) || v.length === 0 || v.length > MAX_RANGES) {
+      return fail(`a non-empty array of at most ${MAX_RANGES} {sector, count}`);
+    }
+    return v.map((r: unknown) => {
+      if (typeof r !== "object" || r === null || Array.isArray(r)) {
+        return fail("an array of {sector, count} objects");
+      }
+      const o = r as Record<string, unknown>;
+      const keys = Object.keys(o);
+      if (keys.length !== 2 || !Object.hasOwn(o, "sector") || !Object.hasOwn(o, "count")) {
+        return fail("an array of objects with exactly the keys sector and count");
+      }
+      if (!isInteger(o.sector, 0) || !isInteger(o.count, 1)) {
+        return fail("ranges of integers, sector >= 0 and count >= 1");
+      }
+      return { sector: o.sector, count: o.count };
+    });
+  },
+};
 
 /** The id of a request line, when one can be read, for error replies. */
 export function salvageId(line: string): number {

@@ -5,9 +5,11 @@
  */
 import { type Daemon, log } from "./daemon.ts";
 import {
+  type ArgsOf,
   type Envelope,
   errorBody,
   MAX_LINE_BYTES,
+  type Op,
   parseRequest,
   PROTOCOL_VERSION,
   type Reply,
@@ -17,7 +19,23 @@ import { BlksnapError } from "../engine/errors.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
 
 /** What the server needs of the daemon (a fake in the unit tests). */
-export type DaemonApi = Pick<Daemon, "version" | "status" | "attach" | "detach">;
+export type DaemonApi = Pick<
+  Daemon,
+  | "version"
+  | "status"
+  | "attach"
+  | "detach"
+  | "cbtInfo"
+  | "readCbtMap"
+  | "markDirty"
+  | "snapshotInfo"
+  | "snapshotCreate"
+  | "snapshotAdd"
+  | "snapshotTake"
+  | "snapshotDestroy"
+  | "snapshotCollect"
+  | "snapshotWaitEvent"
+>;
 
 export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
 /** Connections served at once; more are closed at accept. */
@@ -176,8 +194,37 @@ export class ControlServer {
       case "shutdown":
         queueMicrotask(() => this.#requestShutdown());
         return { stopping: true };
+      case "cbtinfo":
+        return d.cbtInfo(argsOf(req, "cbtinfo").device);
+      case "readcbtmap":
+        return d.readCbtMap(argsOf(req, "readcbtmap").device);
+      case "markdirtyblock": {
+        const a = argsOf(req, "markdirtyblock");
+        return d.markDirty(a.device, a.ranges);
+      }
+      case "snapshot_create":
+        return d.snapshotCreate(argsOf(req, "snapshot_create"));
+      case "snapshot_add":
+        return d.snapshotAdd(argsOf(req, "snapshot_add"));
+      case "snapshot_take":
+        return d.snapshotTake(argsOf(req, "snapshot_take").id);
+      case "snapshot_destroy":
+        return d.snapshotDestroy(argsOf(req, "snapshot_destroy").id);
+      case "snapshot_collect":
+        return d.snapshotCollect();
+      case "snapshot_info":
+        return d.snapshotInfo(argsOf(req, "snapshot_info").device);
+      case "snapshot_waitevent": {
+        const a = argsOf(req, "snapshot_waitevent");
+        return d.snapshotWaitEvent(a.id, a.timeoutMs);
+      }
     }
   }
+}
+
+/** The arguments of a request already validated by parseRequest as operation `op`. */
+function argsOf<O extends Op>(req: Envelope, _op: O): ArgsOf<O> {
+  return req.args as ArgsOf<O>;
 }
 
 function errorReply(id: number, err: unknown): Reply {

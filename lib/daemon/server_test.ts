@@ -17,7 +17,25 @@ function fakeDaemon(calls: string[]): DaemonApi {
       );
     },
     detach: () => Promise.reject(new BlksnapError("ENOENT", "not tracked")),
+    cbtInfo: notTracked,
+    readCbtMap: notTracked,
+    markDirty: notTracked,
+    snapshotInfo: notTracked,
+    snapshotCreate: () => Promise.reject(new BlksnapError("ENOENT", "no storage")),
+    snapshotAdd: noSnapshot,
+    snapshotTake: noSnapshot,
+    snapshotDestroy: noSnapshot,
+    snapshotCollect: () => ({ ids: [] }),
+    snapshotWaitEvent: noSnapshot,
   };
+}
+
+function notTracked(): never {
+  throw new BlksnapError("ENOENT", "not tracked");
+}
+
+function noSnapshot(): Promise<never> {
+  return Promise.reject(new BlksnapError("ESRCH", "no such snapshot"));
 }
 
 async function withServer(fn: (path: string, calls: string[]) => Promise<void>): Promise<void> {

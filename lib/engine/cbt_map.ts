@@ -286,6 +286,20 @@ export class CbtMap {
   }
 
   /**
+   * `cbt_map_reset` for a device whose size did not change, in the same
+   * buffer (workers keep their views): both maps zeroed, numbers restarted,
+   * a new generation. Only while no write marks the map (the take's gate).
+   */
+  resetInPlace(): void {
+    this.#writeMap.fill(0);
+    this.#readMap.fill(0);
+    Atomics.store(this.#words, W_ACTIVE, 1);
+    Atomics.store(this.#words, W_PREVIOUS, 0);
+    uuidToBytes(crypto.randomUUID(), this.#uuid);
+    Atomics.store(this.#words, W_CORRUPTED, 0);
+  }
+
+  /**
    * `BLKFILTER_CTL_BLKSNAP_CBTMAP`: copies `length` bytes of the read map
    * from byte `offset`. EFAULT when the map is corrupted, ENODATA past its end.
    */

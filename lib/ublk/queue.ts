@@ -41,6 +41,11 @@ export interface QueueOptions {
   stats: SharedArrayBuffer;
   /** The target's files (e.g. the original), registered with the ring after /dev/ublkcN. */
   targetFds: number[];
+  /**
+   * An eventfd that other threads write to wake this queue (-1: none). Its
+   * read is kept armed in the ring; each completion calls the target's onWake.
+   */
+  wakeFd?: number;
 }
 
 /**
@@ -93,6 +98,7 @@ export class UblkQueue implements QueueContext {
   readonly #bufBase: number;
   readonly #bufBytes: number;
   readonly #bufAb: ArrayBuffer;
+  readonly bufferWords: Int32Array;
   readonly #tagState: Uint8Array;
   readonly #stats: Float64Array;
   readonly #req: IoRequest = {
@@ -107,6 +113,9 @@ export class UblkQueue implements QueueContext {
   readonly #commitOp: number;
   #ended = 0;
   #targetInflight = 0;
+  readonly #wakeFd: number;
+  readonly #wakeBufPtr: Deno.PointerObject | null = null;
+  readonly #wakeBufAddress: number = 0;
   readonly #onCqe = (userData: number, res: number): void => this.#handleCqe(userData, res);
 
   constructor(libc: Libc, uring: LiburingSymbols, opts: QueueOptions, target: UblkTarget) {
@@ -136,6 +145,7 @@ export class UblkQueue implements QueueContext {
     this.#bufPtr = libc.mmapAnonymous(this.#bufBytes);
     this.#bufBase = addressOf(this.#bufPtr);
     this.#bufAb = Deno.UnsafePointerView.getArrayBuffer(this.#bufPtr, this.#bufBytes);
+    this.bufferWords = new Int32Array(this.#bufAb);
     this.#tagState = new Uint8Array(opts.depth);
     this.#stats = new Float64Array(
       opts.stats,
@@ -164,6 +174,11 @@ export class UblkQueue implements QueueContext {
     this.fileFlags = fixed ? IOSQE.FIXED_FILE : 0;
     this.#charFile = fixed ? 0 : opts.charFd;
     this.#targetFiles = fixed ? opts.targetFds.map((_, i) => i + 1) : [...opts.targetFds];
+    this.#wakeFd = opts.wakeFd ?? -1;
+    if (this.#wakeFd >= 0) {
+      this.#wakeBufPtr = libc.alignedAlloc(64, 64);
+      this.#wakeBufAddress = addressOf(this.#wakeBufPtr);
+    }
     this.#fetchOp = (opts.useIoctl ? UBLK_IO.FETCH_REQ.ioctl : UBLK_IO.FETCH_REQ.legacy) >>> 0;
     this.#commitOp =
       (opts.useIoctl ? UBLK_IO.COMMIT_AND_FETCH_REQ.ioctl : UBLK_IO.COMMIT_AND_FETCH_REQ.legacy) >>>
@@ -188,7 +203,26 @@ export class UblkQueue implements QueueContext {
       this.#queueUblkCmd(this.#fetchOp, tag, 0);
       this.#tagState[tag] = TAG_FETCHED;
     }
+    if (this.#wakeFd >= 0) this.#armWake();
     this.ring.submit();
+  }
+
+  /** Keeps one read of the wake eventfd in flight (plain fd: it is not registered). */
+  #armWake(): void {
+    this.ring.prepRw(
+      IORING_OP.READ,
+      this.#wakeFd,
+      this.#wakeBufAddress,
+      8,
+      0,
+      packUserData(UD_KIND.WAKE, 0),
+    );
+  }
+
+  /** Commits a result for a tag that the target had left PENDING (e.g. parked, then woken). */
+  complete(tag: number, result: number): void {
+    if (this.#tagState[tag] !== TAG_SERVING) unreachable(`complete() of idle tag ${tag}`);
+    this.#finish(tag, result);
   }
 
   /** Serves I/O until the device stops. */
@@ -215,6 +249,7 @@ export class UblkQueue implements QueueContext {
   close(): void {
     this.#target.close?.();
     this.ring.close();
+    if (this.#wakeBufPtr !== null) this.#libc.free(this.#wakeBufPtr);
     this.#libc.munmap(this.#descPtr, this.#descBytes);
     this.#libc.munmap(this.#bufPtr, this.#bufBytes);
   }
@@ -244,6 +279,13 @@ export class UblkQueue implements QueueContext {
       if (this.#tagState[tag] !== TAG_SERVING) unreachable(`target completion for idle tag ${tag}`);
       this.#targetInflight--;
       this.#finish(tag, this.#target.onCompletion(this, tag, udSub(userData), res));
+    } else if (kind === UD_KIND.WAKE) {
+      if (res < 0 && res !== -4 && res !== -11) {
+        unreachable(`wake eventfd read failed with ${res} on queue ${this.qId}`);
+      }
+      // Not while the device stops: the armed read would outlive the last tag.
+      if (this.#ended < this.depth) this.#armWake();
+      this.#target.onWake?.(this);
     } else {
       unreachable(`completion kind ${kind} on queue ${this.qId}`);
     }

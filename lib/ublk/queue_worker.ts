@@ -7,8 +7,21 @@ import { openLiburing } from "../../ffi/liburing.ts";
 import { UblkQueue } from "./queue.ts";
 import { PassthroughTarget } from "./targets/passthrough.ts";
 import type { UblkTarget } from "./target.ts";
+import { type DeviceShared, TrackedTarget } from "./targets/tracked.ts";
+import { ImageTarget } from "./targets/image.ts";
+import { Waker } from "./targets/waker.ts";
+import type { Libc } from "../../ffi/libc.ts";
 
-export type TargetSpec = { kind: "passthrough"; originalFd: number };
+export type TargetSpec =
+  | { kind: "passthrough"; originalFd: number }
+  | { kind: "tracked"; originalFd: number; device: DeviceShared; wakeFds: number[] }
+  | {
+    kind: "image";
+    originalFd: number;
+    storageFd: number;
+    device: DeviceShared;
+    wakeFds: number[];
+  };
 
 export interface QueueWorkerInit {
   type: "init";
@@ -27,10 +40,33 @@ export type QueueWorkerReport =
   | { type: "exited"; qId: number; served: number }
   | { type: "fatal"; qId: number; message: string };
 
-function makeTarget(spec: TargetSpec, depth: number): { target: UblkTarget; fds: number[] } {
+function makeTarget(
+  libc: Libc,
+  spec: TargetSpec,
+  depth: number,
+  qId: number,
+): { target: UblkTarget; fds: number[]; wakeFd: number } {
   switch (spec.kind) {
     case "passthrough":
-      return { target: new PassthroughTarget(depth), fds: [spec.originalFd] };
+      return { target: new PassthroughTarget(depth), fds: [spec.originalFd], wakeFd: -1 };
+    case "tracked": {
+      const d = spec.device;
+      const shared = { ...d, storeRing: d.trackedRings[qId]! };
+      return {
+        target: new TrackedTarget(depth, shared, new Waker(libc)),
+        fds: [spec.originalFd],
+        wakeFd: spec.wakeFds[qId]!,
+      };
+    }
+    case "image": {
+      const d = spec.device;
+      const shared = { ...d, storeRing: d.imageRings[qId]! };
+      return {
+        target: new ImageTarget(depth, shared, new Waker(libc)),
+        fds: [spec.originalFd, spec.storageFd],
+        wakeFd: spec.wakeFds[qId]!,
+      };
+    }
   }
 }
 
@@ -44,8 +80,8 @@ export function runQueueWorker(self: Worker): void {
     try {
       const libc = openLibc();
       const uring = openLiburing();
-      const { target, fds } = makeTarget(init.target, init.depth);
-      queue = new UblkQueue(libc, uring.symbols, { ...init, targetFds: fds }, target);
+      const { target, fds, wakeFd } = makeTarget(libc, init.target, init.depth, init.qId);
+      queue = new UblkQueue(libc, uring.symbols, { ...init, targetFds: fds, wakeFd }, target);
       queue.fetchAll();
       post({ type: "ready", qId: init.qId, tid: libc.sym.gettid() });
       queue.run();

@@ -42,6 +42,12 @@ export interface QueueContext {
   targetFile(i: number): number;
   /** IOSQE_FIXED_FILE when files are registered, else 0. */
   readonly fileFlags: number;
+  /** Commits `result` for a tag the target left PENDING with nothing in flight (a parked tag). */
+  complete(tag: number, result: number): void;
+  /** C address of the tag's buffer. */
+  bufferAddress(tag: number): number;
+  /** Every tag's buffer in one view: tag t's starts at t * maxIoBufBytes (32-bit words: a byte copy, never a float that could alter NaN bits). */
+  readonly bufferWords: Int32Array;
 }
 
 export interface UblkTarget {
@@ -49,6 +55,11 @@ export interface UblkTarget {
   start(q: QueueContext, req: IoRequest): number;
   /** Required. A TARGET_IO completion for `tag`; returns the result or PENDING. */
   onCompletion(q: QueueContext, tag: number, sub: number, res: number): number;
+  /**
+   * Optional. Another thread woke the queue (its eventfd): re-examine parked
+   * requests, completing them with `complete()` or queueing their I/O.
+   */
+  onWake?(q: QueueContext): void;
   /** Optional. Called once when the queue loop ends. */
   close?(): void;
 }

@@ -101,11 +101,18 @@ export class Loop {
     this.file = file;
   }
 
-  static async create(sizeMiB: number): Promise<Loop> {
+  /** A loop device of `sizeMiB` over a sparse file, with `sectorSize`-byte logical sectors. */
+  static async create(sizeMiB: number, sectorSize = 512): Promise<Loop> {
     await Deno.mkdir("/tmp/loops", { recursive: true });
     const file = await Deno.makeTempFile({ dir: "/tmp/loops", suffix: ".img" });
     await Deno.truncate(file, sizeMiB * 1024 * 1024);
-    const path = await sh("losetup", "--find", "--show", file);
+    const path = await sh(
+      "losetup",
+      "--find",
+      "--show",
+      ...(sectorSize !== 512 ? ["--sector-size", String(sectorSize)] : []),
+      file,
+    );
     return new Loop(path, file);
   }
 

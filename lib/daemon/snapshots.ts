@@ -1,0 +1,598 @@
+/**
+ * The daemon's snapshots: create, add, take, destroy, collect, info and
+ * events, over the tracked devices' pipelines (lib/daemon/pipe.ts).
+ *
+ * Life of a snapshot: created with a difference storage (opened at once, so
+ * a bad path fails early) and devices; taken once (the filesystems on its
+ * tracked devices are frozen, every device's write gate closes and drains,
+ * copy-on-write is armed on all of them at that one instant, the gates open,
+ * the filesystems thaw; then one image device per tracked device is made and
+ * a store worker moves copied chunks to the storage); destroyed (refused
+ * while an image is mounted; images removed, copy-on-write stopped, the gate
+ * drained once more so no request uses the pool, the store worker stopped,
+ * memory freed, the storage closed — an unnamed file disappears).
+ *
+ * Every operation on one snapshot runs alone (a per-snapshot chain), and an
+ * operation fails with no change of state.
+ */
+import type { Libc } from "../../ffi/libc.ts";
+import { BlksnapError } from "../engine/errors.ts";
+import { EventQueue, type SnapshotEvent } from "../engine/event_queue.ts";
+import type { Params } from "../engine/params.ts";
+import { CTL, CTL_F } from "../pipeline/device_ctl.ts";
+import { SF, STORAGE_KIND_NAMES, StorageCtl, SW } from "../pipeline/storage_ctl.ts";
+import type { StoreWorkerInit, StoreWorkerReport } from "../pipeline/store_worker.ts";
+import type { UblkControl } from "../ublk/control.ts";
+import { UblkDevice } from "../ublk/device.ts";
+import { Waker } from "../ublk/targets/waker.ts";
+import { EFD_CLOEXEC } from "../../ffi/libc.ts";
+import { openExclusive, splitDevT } from "./block_device.ts";
+import { freezeAll, thawAll } from "./freeze.ts";
+import type { DevicePipe } from "./pipe.ts";
+import { type OpenStorage, openStorage } from "./storage.ts";
+
+/** What the registry needs of a tracked device. */
+export interface SnapshotDevice {
+  original: string;
+  originalKey: string;
+  tracked: string;
+  trackedKey: string;
+  originalFd: number;
+  sizeBytes: number;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+  pipe: DevicePipe;
+  /** The snapshot it belongs to, or null. Set and cleared by the registry. */
+  snapshotId: string | null;
+}
+
+/** What the registry needs of the daemon. */
+export interface SnapshotHost {
+  libc: Libc;
+  ctrl: UblkControl;
+  params: Params;
+  queues: number;
+  queueDepth: number;
+  maxIoBufBytes: number;
+  /** The tracked device for a path, attaching it when `attach` and it is not tracked. */
+  device(path: string, verb: string, attach: boolean): Promise<SnapshotDevice>;
+  log(message: string): void;
+}
+
+interface Image {
+  device: UblkDevice;
+  path: string;
+}
+
+interface Snapshot {
+  id: string;
+  devices: SnapshotDevice[];
+  storage: OpenStorage;
+  limitSectors: number;
+  createdAt: string;
+  takenAt: string | null;
+  storageCtl: StorageCtl | null;
+  store: Worker | null;
+  storeExited: Promise<void> | null;
+  storeWakeFd: number;
+  images: Map<string, Image>;
+  events: EventQueue;
+  reported: Set<string>;
+  poller: ReturnType<typeof setInterval> | null;
+  chain: Promise<unknown>;
+  destroyed: boolean;
+}
+
+const STORE_WORKER_URL = new URL("../../workers/store_worker.ts", import.meta.url).href;
+const DRAIN_TIMEOUT_MS = 30_000;
+const STORE_TIMEOUT_MS = 60_000;
+
+export class Snapshots {
+  readonly #host: SnapshotHost;
+  readonly #snaps = new Map<string, Snapshot>();
+  readonly #waker: Waker;
+
+  constructor(host: SnapshotHost) {
+    this.#host = host;
+    this.#waker = new Waker(host.libc);
+  }
+
+  get size(): number {
+    return this.#snaps.size;
+  }
+
+  async create(args: {
+    devices: string[];
+    storage: string;
+    limitBytes: number;
+    clientPid?: number;
+  }): Promise<{ id: string }> {
+    if (!(args.limitBytes > 0)) {
+      throw new BlksnapError(
+        "EINVAL",
+        "The difference storage limit must be more than 0 (e.g. --limit 1G)",
+      );
+    }
+    const limitSectors = Math.floor(args.limitBytes / 512);
+    if (limitSectors < 1) throw new BlksnapError("EINVAL", "The limit is less than one sector");
+    // Devices first (nothing opened yet), then the storage.
+    const devices: SnapshotDevice[] = [];
+    for (const path of args.devices) {
+      const d = await this.#host.device(path, "add to a snapshot", true);
+      this.#checkFree(d, path);
+      if (devices.includes(d)) {
+        throw new BlksnapError("EALREADY", `"${path}" is given twice`);
+      }
+      devices.push(d);
+    }
+    const storage = openStorage(this.#host.libc, args.storage, args.clientPid);
+    try {
+      for (const d of devices) this.#checkStorage(storage, d);
+    } catch (err) {
+      this.#host.libc.close(storage.fd);
+      throw err;
+    }
+    const id = crypto.randomUUID();
+    const snap: Snapshot = {
+      id,
+      devices,
+      storage,
+      limitSectors,
+      createdAt: new Date().toISOString(),
+      takenAt: null,
+      storageCtl: null,
+      store: null,
+      storeExited: null,
+      storeWakeFd: -1,
+      images: new Map(),
+      events: new EventQueue(),
+      reported: new Set(),
+      poller: null,
+      chain: Promise.resolve(),
+      destroyed: false,
+    };
+    for (const d of devices) d.snapshotId = id;
+    this.#snaps.set(id, snap);
+    this.#host.log(
+      `snapshot ${id} created: ${devices.map((d) => d.original).join(", ") || "no devices"}, ` +
+        `storage ${storage.path} (${
+          STORAGE_KIND_NAMES[storage.kind]
+        }), limit ${limitSectors} sectors`,
+    );
+    return { id };
+  }
+
+  add(id: string, path: string) {
+    return this.#serial(id, async (snap) => {
+      if (snap.takenAt !== null) {
+        throw new BlksnapError("EBUSY", `Snapshot ${id} is already taken: no device can join it`);
+      }
+      const tracked = snap.devices.length;
+      const d = await this.#host.device(path, "add to a snapshot", true);
+      if (snap.devices.includes(d)) {
+        throw new BlksnapError("EALREADY", `"${path}" is already in snapshot ${id}`);
+      }
+      this.#checkFree(d, path);
+      this.#checkStorage(snap.storage, d);
+      if (snap.destroyed || snap.devices.length !== tracked) {
+        throw new BlksnapError("ESRCH", `Snapshot ${id} changed meanwhile`);
+      }
+      snap.devices.push(d);
+      d.snapshotId = id;
+      return { id, device: d.original, tracked: d.tracked };
+    });
+  }
+
+  take(id: string) {
+    return this.#serial(id, async (snap) => {
+      if (snap.takenAt !== null) {
+        throw new BlksnapError("EALREADY", `Snapshot ${id} is already taken`);
+      }
+      if (snap.devices.length === 0) {
+        throw new BlksnapError("ENODEV", `Snapshot ${id} has no devices: add one first`);
+      }
+      return await this.#take(snap);
+    });
+  }
+
+  destroy(id: string) {
+    return this.#serial(id, async (snap) => {
+      await this.#destroy(snap);
+      return { id };
+    });
+  }
+
+  collect(): { ids: string[] } {
+    return { ids: [...this.#snaps.keys()] };
+  }
+
+  info(d: SnapshotDevice): { id: string | null; errorCode: number; image: string } {
+    const snap = d.snapshotId === null ? undefined : this.#snaps.get(d.snapshotId);
+    return {
+      id: d.snapshotId,
+      errorCode: snap?.takenAt ? Atomics.load(d.pipe.ctl.w, CTL.ERROR) : 0,
+      image: snap?.images.get(d.originalKey)?.path ?? "",
+    };
+  }
+
+  async waitEvent(id: string, timeoutMs: number): Promise<unknown> {
+    const snap = this.#get(id);
+    this.#poll(snap);
+    const event = await snap.events.wait(timeoutMs);
+    if (event === null) {
+      if (snap.destroyed) throw new BlksnapError("ESRCH", `Snapshot ${id} was destroyed`);
+      return { result: "timeout" };
+    }
+    return eventResult(event);
+  }
+
+  status() {
+    return [...this.#snaps.values()].map((s) => {
+      const st = s.storageCtl;
+      return {
+        id: s.id,
+        taken: s.takenAt !== null,
+        createdAt: s.createdAt,
+        takenAt: s.takenAt,
+        errorCode: s.devices.reduce((e, d) => e || Atomics.load(d.pipe.ctl.w, CTL.ERROR), 0),
+        devices: s.devices.map((d) => ({
+          original: d.original,
+          tracked: d.tracked,
+          image: s.images.get(d.originalKey)?.path ?? null,
+          errorCode: s.takenAt ? Atomics.load(d.pipe.ctl.w, CTL.ERROR) : 0,
+          chunkBytes: d.pipe.chunkBytes,
+          copiedChunks: d.pipe.ctl.f[CTL_F.COW_LOADS]!,
+          storedChunks: d.pipe.ctl.f[CTL_F.STORED]!,
+          parked: d.pipe.ctl.f[CTL_F.PARKED]!,
+          imageReads: d.pipe.ctl.f[CTL_F.IMAGE_READS]!,
+          imageWrites: d.pipe.ctl.f[CTL_F.IMAGE_WRITES]!,
+          buffersInUse: d.pipe.pool.inUse,
+        })),
+        storage: {
+          path: s.storage.path,
+          kind: STORAGE_KIND_NAMES[s.storage.kind],
+          capacityBytes:
+            (st ? st.capacitySectors : Math.min(s.storage.sizeBytes / 512, s.limitSectors)) *
+            512,
+          filledBytes: (st?.filledSectors ?? 0) * 512,
+          limitBytes: s.limitSectors * 512,
+        },
+      };
+    });
+  }
+
+  /** Destroys every snapshot (daemon shutdown). */
+  async destroyAll(): Promise<void> {
+    for (const id of [...this.#snaps.keys()]) {
+      try {
+        await this.#serial(id, (snap) => this.#destroy(snap, true));
+      } catch (err) {
+        this.#host.log(`destroying snapshot ${id} failed: ${err}`);
+      }
+    }
+  }
+
+  // ---- internals ----
+
+  #get(id: string): Snapshot {
+    const snap = this.#snaps.get(id);
+    if (snap === undefined || snap.destroyed) {
+      throw new BlksnapError("ESRCH", `Snapshot ${id} not found`);
+    }
+    return snap;
+  }
+
+  #serial<T>(id: string, op: (snap: Snapshot) => Promise<T>): Promise<T> {
+    const snap = this.#get(id);
+    const run = snap.chain.then(() => {
+      if (snap.destroyed) throw new BlksnapError("ESRCH", `Snapshot ${id} not found`);
+      return op(snap);
+    });
+    snap.chain = run.catch(() => {});
+    return run;
+  }
+
+  #checkFree(d: SnapshotDevice, path: string): void {
+    if (d.snapshotId !== null) {
+      throw new BlksnapError(
+        "EBUSY",
+        `"${path}" is already in snapshot ${d.snapshotId}: destroy that one first`,
+      );
+    }
+  }
+
+  #checkStorage(storage: OpenStorage, d: SnapshotDevice): void {
+    if (storage.deviceKey === d.originalKey || storage.deviceKey === d.trackedKey) {
+      throw new BlksnapError(
+        "EBUSY",
+        `The difference storage "${storage.path}" is on ${d.tracked} (${d.original}), ` +
+          `which is in the snapshot: put it on another device`,
+      );
+    }
+  }
+
+  async #take(snap: Snapshot) {
+    const host = this.#host;
+    const libc = host.libc;
+    const unitShift = snap.devices.every((d) => d.pipe.chunkBytes >= 4096) ? 3 : 0;
+    const capacity = Math.min(snap.storage.sizeBytes / 512, snap.limitSectors);
+    const st = StorageCtl.create({
+      kind: snap.storage.kind,
+      capacitySectors: Math.floor(capacity / 2 ** unitShift) * 2 ** unitShift,
+      limitSectors: snap.limitSectors,
+      growthSectors: host.params.diffStorageMinimumSectors,
+      unitShift,
+    });
+    snap.storeWakeFd = libc.check(libc.sym.eventfd(0, EFD_CLOEXEC), "eventfd");
+    let armed = false;
+    try {
+      // 1. every device arms copy-on-write at one instant, with writes drained
+      const frozen = freezeAll(libc, snap.devices.map((d) => d.trackedKey), host.log);
+      try {
+        for (const d of snap.devices) d.pipe.ctl.closeGate();
+        try {
+          for (const d of snap.devices) {
+            if (!await d.pipe.ctl.drained(DRAIN_TIMEOUT_MS)) {
+              throw new BlksnapError(
+                "ETIMEDOUT",
+                `Writes to ${d.tracked} did not drain in ${DRAIN_TIMEOUT_MS} ms`,
+              );
+            }
+          }
+          for (const d of snap.devices) {
+            if (d.pipe.cbt.isCorrupted) d.pipe.cbt.resetInPlace();
+            d.pipe.cbt.switch();
+            d.pipe.arm({ fd: snap.storage.fd, storeWakeFd: snap.storeWakeFd, unitShift });
+          }
+          armed = true;
+        } finally {
+          for (const d of snap.devices) {
+            d.pipe.ctl.openGate();
+            d.pipe.wakeAll();
+          }
+        }
+      } finally {
+        thawAll(libc, frozen, host.log);
+      }
+      snap.takenAt = new Date().toISOString();
+      snap.storageCtl = st;
+      // 2. the store worker, then the images (the devices already copy on write)
+      await this.#startStore(snap, st);
+      for (const d of snap.devices) {
+        const wakeFds = d.pipe.makeImageWakeFds(host.queues);
+        const device = await UblkDevice.create(host.ctrl, libc, {
+          queues: host.queues,
+          depth: host.queueDepth,
+          maxIoBufBytes: host.maxIoBufBytes,
+          params: imageParams(d, host.maxIoBufBytes),
+          target: {
+            kind: "image",
+            originalFd: d.originalFd,
+            storageFd: snap.storage.fd,
+            device: d.pipe.shared,
+            wakeFds,
+          },
+          recovery: false,
+          onFatal: (message) => host.log(`image of ${d.original} failed: ${message}`),
+        });
+        snap.images.set(d.originalKey, { device, path: device.blockPath });
+      }
+    } catch (err) {
+      if (armed) {
+        host.log(`take of ${snap.id} failed, undoing it: ${err}`);
+        await this.#teardown(snap).catch((e) => host.log(`undoing the take failed: ${e}`));
+      } else {
+        libc.close(snap.storeWakeFd);
+        snap.storeWakeFd = -1;
+      }
+      snap.takenAt = null;
+      snap.storageCtl = null;
+      throw err;
+    }
+    snap.poller = setInterval(() => this.#poll(snap), 200);
+    host.log(
+      `snapshot ${snap.id} taken: ${
+        snap.devices.map((d) => `${d.original} -> ${snap.images.get(d.originalKey)?.path}`).join(
+          ", ",
+        )
+      }`,
+    );
+    return {
+      id: snap.id,
+      images: snap.devices.map((d) => ({
+        original: d.original,
+        tracked: d.tracked,
+        image: snap.images.get(d.originalKey)!.path,
+      })),
+    };
+  }
+
+  async #startStore(snap: Snapshot, st: StorageCtl): Promise<void> {
+    const worker = new Worker(STORE_WORKER_URL, { type: "module", name: `store-${snap.id}` });
+    snap.store = worker;
+    let onExit!: () => void;
+    snap.storeExited = new Promise<void>((r) => (onExit = r));
+    const ready = new Promise<void>((resolve, reject) => {
+      worker.onmessage = (ev: MessageEvent<StoreWorkerReport>) => {
+        const r = ev.data;
+        if (r.type === "ready") resolve();
+        else if (r.type === "exited") onExit();
+        else {
+          this.#host.log(`store worker of ${snap.id} failed: ${r.message}`);
+          for (const d of snap.devices) d.pipe.ctl.corrupt(-5);
+          reject(new BlksnapError("EIO", `The store worker failed: ${r.message.split("\n")[0]}`));
+          onExit();
+        }
+      };
+      worker.onerror = (ev) => {
+        ev.preventDefault();
+        this.#host.log(`store worker of ${snap.id} crashed: ${ev.message}`);
+        for (const d of snap.devices) d.pipe.ctl.corrupt(-5);
+        reject(new BlksnapError("EIO", `The store worker crashed: ${ev.message}`));
+        onExit();
+      };
+    });
+    const init: StoreWorkerInit = {
+      type: "init",
+      storageFd: snap.storage.fd,
+      wakeFd: snap.storeWakeFd,
+      storage: st.shared,
+      devices: snap.devices.map((d) => ({
+        ctl: d.pipe.shared.ctl,
+        chunks: d.pipe.shared.chunks,
+        pool: d.pipe.shared.pool,
+        rings: [...d.pipe.shared.trackedRings, ...d.pipe.shared.imageRings],
+      })),
+    };
+    worker.postMessage(init);
+    await ready;
+  }
+
+  /** Refuses while an image is in use, then tears the snapshot down and forgets it. */
+  async #destroy(snap: Snapshot, force = false): Promise<void> {
+    const libc = this.#host.libc;
+    const guards: number[] = [];
+    try {
+      for (const [, image] of snap.images) {
+        try {
+          const { major, minor } = splitDevT(Deno.statSync(image.path).rdev ?? 0);
+          guards.push(
+            openExclusive(libc, {
+              path: image.path,
+              key: `${major}:${minor}`,
+              major,
+              minor,
+            }, "destroy the snapshot with image"),
+          );
+        } catch (err) {
+          if (!force) throw err;
+        }
+      }
+      await this.#teardown(snap, () => {
+        for (const fd of guards.splice(0)) libc.close(fd);
+      });
+    } finally {
+      for (const fd of guards) libc.close(fd);
+    }
+    snap.destroyed = true;
+    snap.events.close();
+    for (const d of snap.devices) d.snapshotId = null;
+    libc.close(snap.storage.fd);
+    this.#snaps.delete(snap.id);
+    this.#host.log(`snapshot ${snap.id} destroyed`);
+  }
+
+  /** Images away, copy-on-write off, store worker stopped, memory freed. */
+  async #teardown(snap: Snapshot, afterImagesStop?: () => void): Promise<void> {
+    const host = this.#host;
+    if (snap.poller !== null) clearInterval(snap.poller);
+    snap.poller = null;
+    const errors: unknown[] = [];
+    for (const [key, image] of snap.images) {
+      try {
+        await image.device.destroy(afterImagesStop);
+      } catch (err) {
+        errors.push(err);
+      }
+      snap.images.delete(key);
+    }
+    afterImagesStop?.();
+    for (const d of snap.devices) d.pipe.closeImageWakeFds();
+    if (snap.takenAt !== null || snap.store !== null) {
+      for (const d of snap.devices) {
+        d.pipe.ctl.closeGate();
+        d.pipe.stopCow();
+      }
+      for (const d of snap.devices) {
+        if (!await d.pipe.ctl.drained(DRAIN_TIMEOUT_MS)) {
+          errors.push(new BlksnapError("ETIMEDOUT", `Writes to ${d.tracked} did not drain`));
+        }
+      }
+      if (snap.store !== null && snap.storageCtl !== null) {
+        Atomics.store(snap.storageCtl.w, SW.STOP, 1);
+        this.#waker.wake(snap.storeWakeFd);
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          snap.storeExited,
+          new Promise<void>((r) => (timer = setTimeout(r, STORE_TIMEOUT_MS))),
+        ]);
+        clearTimeout(timer);
+        snap.store.terminate();
+        snap.store = null;
+      }
+      for (const d of snap.devices) {
+        d.pipe.disarm();
+        d.pipe.ctl.openGate();
+        d.pipe.wakeAll();
+      }
+    }
+    if (snap.storeWakeFd >= 0) host.libc.close(snap.storeWakeFd);
+    snap.storeWakeFd = -1;
+    snap.takenAt = null;
+    if (errors.length > 0) throw errors[0];
+  }
+
+  /** Turns what the workers flagged in shared memory into events. */
+  #poll(snap: Snapshot): void {
+    if (snap.takenAt === null) return;
+    for (const d of snap.devices) {
+      const error = Atomics.load(d.pipe.ctl.w, CTL.ERROR);
+      if (error !== 0 && !snap.reported.has(d.originalKey)) {
+        snap.reported.add(d.originalKey);
+        this.#host.log(`snapshot ${snap.id}: ${d.original} corrupted (${error})`);
+        snap.events.push({
+          code: "corrupted",
+          timeMs: Date.now(),
+          deviceId: d.originalKey,
+          errorCode: -error,
+        });
+      }
+    }
+    const st = snap.storageCtl;
+    if (st !== null && Atomics.load(st.w, SW.NO_SPACE) !== 0 && !snap.reported.has("no_space")) {
+      snap.reported.add("no_space");
+      snap.events.push({
+        code: "no_space",
+        timeMs: st.f[SF.NO_SPACE_TIME]!,
+        requestedSectors: st.f[SF.NO_SPACE_REQUESTED]!,
+      });
+    }
+  }
+}
+
+function eventResult(event: SnapshotEvent) {
+  if (event.code === "corrupted") {
+    return {
+      result: "ok",
+      time: event.timeMs,
+      event: "corrupted",
+      code: 0,
+      device: event.deviceId,
+      errorCode: event.errorCode,
+    };
+  }
+  return {
+    result: "ok",
+    time: event.timeMs,
+    event: "no_space",
+    code: 1,
+    requestedSectors: event.requestedSectors,
+  };
+}
+
+function imageParams(d: SnapshotDevice, maxIoBufBytes: number) {
+  const logicalBsShift = Math.log2(d.logicalBlockSize);
+  const physicalBsShift = Math.max(
+    logicalBsShift,
+    Math.min(Math.log2(d.physicalBlockSize || 512), 12),
+  );
+  return {
+    devSectors: d.sizeBytes / 512,
+    logicalBsShift,
+    physicalBsShift,
+    ioMinShift: physicalBsShift,
+    ioOptShift: physicalBsShift,
+    maxSectors: maxIoBufBytes / 512,
+    writeCache: false,
+  };
+}

@@ -1,0 +1,336 @@
+/**
+ * The chunk store-queue worker of one taken snapshot: it moves chunks that
+ * the queues loaded (IN_MEMORY, in a pool buffer) into the difference
+ * storage, and grows the storage.
+ *
+ * It sleeps in its own io_uring, where a read of its eventfd is armed; the
+ * queues push (chunk, buffer, bytes) records to their SPSC rings and write
+ * the eventfd. For each record: an extent of the storage (StorageCtl), the
+ * chunk IN_MEMORY → STORING, a WRITE SQE from the buffer; on completion
+ * STORING → STORED and the buffer goes back to the pool, and the queues are
+ * woken if any request waits. Growth is an IORING_OP_FALLOCATE on the same
+ * ring (the kernel runs it in its own worker thread), so the store never
+ * blocks on it: this is the reallocation worker of the design, without a
+ * thread of its own.
+ *
+ * Failures never stall a writer: an extent that cannot be had, or a write
+ * that fails, fails the chunk and corrupts its device's part of the snapshot
+ * (invariant 3).
+ */
+import { openLibc } from "../../ffi/libc.ts";
+import { openLiburing } from "../../ffi/liburing.ts";
+import { ERRNO } from "../../ffi/errno.ts";
+import { IORING_OP, IORING_SETUP } from "../../ffi/uring_abi.ts";
+import { addressOf, Ring } from "../uring/ring.ts";
+import { packUserData, UD_KIND, udKind, udSub, udTag } from "../uring/user_data.ts";
+import { assert, unreachable } from "../assert.ts";
+import { BufferPool } from "./buffer_pool.ts";
+import { CHUNK, ChunkMap } from "./chunk_map.ts";
+import { CTL, CTL_F, DeviceCtl } from "./device_ctl.ts";
+import { SpscRing } from "./spsc_ring.ts";
+import { SF, STORAGE_KIND, StorageCtl, SW } from "./storage_ctl.ts";
+import { wakeAll, Waker } from "../ublk/targets/waker.ts";
+
+export interface StoreDeviceInit {
+  ctl: SharedArrayBuffer;
+  chunks: SharedArrayBuffer;
+  pool: SharedArrayBuffer;
+  /** Rings from the tracked device's queues and the image's queues. */
+  rings: SharedArrayBuffer[];
+}
+
+export interface StoreWorkerInit {
+  type: "init";
+  storageFd: number;
+  wakeFd: number;
+  storage: SharedArrayBuffer;
+  devices: StoreDeviceInit[];
+}
+
+export type StoreWorkerReport =
+  | { type: "ready" }
+  | { type: "exited" }
+  | { type: "fatal"; message: string };
+
+const SUB_WRITE = 0;
+const SUB_GROW = 1;
+const SECTOR = 512;
+
+interface Dev {
+  ctl: DeviceCtl;
+  map: ChunkMap;
+  pool: BufferPool;
+  rings: SpscRing[];
+  poolBase: number;
+  bufferBytes: number;
+}
+
+export class StoreLoop {
+  readonly #ring: Ring;
+  readonly #waker: Waker;
+  readonly #st: StorageCtl;
+  readonly #fd: number;
+  readonly #wakeFd: number;
+  readonly #wakeBuf: Deno.PointerObject;
+  readonly #devs: Dev[];
+  // in-flight writes, by slot
+  readonly #slotDev: Int32Array;
+  readonly #slotChunk: Float64Array;
+  readonly #slotBuffer: Int32Array;
+  readonly #slotBytes: Int32Array;
+  readonly #freeSlots: number[];
+  // records waiting for a growth: [dev, chunk, buffer, bytes] * n
+  readonly #deferred: number[] = [];
+  readonly #rec = new Float64Array(3);
+  #inflight = 0;
+  #growthSectors = 0;
+
+  constructor(init: StoreWorkerInit) {
+    const libc = openLibc();
+    const uring = openLiburing();
+    this.#waker = new Waker(libc);
+    this.#st = new StorageCtl(init.storage);
+    this.#fd = init.storageFd;
+    this.#wakeFd = init.wakeFd;
+    this.#wakeBuf = libc.alignedAlloc(64, 64);
+    this.#devs = init.devices.map((d) => {
+      const ctl = new DeviceCtl(d.ctl);
+      return {
+        ctl,
+        map: new ChunkMap(d.chunks, ctl.w[CTL.CHUNK_COUNT]!),
+        pool: new BufferPool(d.pool),
+        rings: d.rings.map((r) => new SpscRing(r)),
+        poolBase: ctl.poolAddress,
+        bufferBytes: ctl.w[CTL.BUFFER_BYTES]!,
+      };
+    });
+    const slots = this.#devs.reduce((a, d) => a + d.pool.count, 0);
+    assert(slots < 0xffff, "too many buffers for one store worker");
+    this.#slotDev = new Int32Array(slots);
+    this.#slotChunk = new Float64Array(slots);
+    this.#slotBuffer = new Int32Array(slots);
+    this.#slotBytes = new Int32Array(slots);
+    this.#freeSlots = Array.from({ length: slots }, (_, i) => slots - 1 - i);
+    const entries = 2 ** Math.ceil(Math.log2(slots + 8));
+    this.#ring = new Ring(uring.symbols, libc, {
+      entries,
+      cqEntries: entries * 2,
+      flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER,
+    });
+    this.#armWake();
+    this.#ring.submit();
+  }
+
+  run(): void {
+    const st = this.#st;
+    for (;;) {
+      this.#pollRings();
+      const stopping = Atomics.load(st.w, SW.STOP) !== 0;
+      if (stopping && this.#deferred.length > 0 && Atomics.load(st.w, SW.GROWING) === 0) {
+        this.#dropDeferred();
+      }
+      if (stopping && this.#inflight === 0 && this.#deferred.length === 0 && this.#ringsEmpty()) {
+        break;
+      }
+      this.#ring.submitAndWait(1);
+      this.#ring.drain(this.#onCqe);
+    }
+    this.#ring.close();
+    Atomics.store(st.w, SW.EXITED, 1);
+    st.bumpEvents();
+  }
+
+  readonly #onCqe = (userData: number, res: number): void => {
+    const kind = udKind(userData);
+    if (kind === UD_KIND.WAKE) {
+      this.#armWake(); // closing the ring cancels the last one
+      return;
+    }
+    if (kind !== UD_KIND.TARGET_IO) unreachable(`store worker: completion kind ${kind}`);
+    this.#inflight--;
+    if (udSub(userData) === SUB_GROW) this.#grown(res);
+    else this.#written(udTag(userData), res);
+  };
+
+  #armWake(): void {
+    this.#ring.prepRw(
+      IORING_OP.READ,
+      this.#wakeFd,
+      addressOf(this.#wakeBuf),
+      8,
+      0,
+      packUserData(UD_KIND.WAKE, 0),
+    );
+  }
+
+  #ringsEmpty(): boolean {
+    for (const d of this.#devs) for (const r of d.rings) if (r.length > 0) return false;
+    return true;
+  }
+
+  #pollRings(): void {
+    const rec = this.#rec;
+    for (let i = 0; i < this.#devs.length; i++) {
+      for (const r of this.#devs[i]!.rings) {
+        while (r.pop(rec)) this.#store(i, rec[0]!, rec[1]!, rec[2]!);
+      }
+    }
+  }
+
+  /** One loaded chunk: an extent and a write, or a failure of its device's snapshot. */
+  #store(d: number, n: number, buffer: number, bytes: number): void {
+    const dev = this.#devs[d]!;
+    if (dev.ctl.error !== 0 || Atomics.load(this.#st.w, SW.STOP) !== 0) {
+      this.#fail(dev, n, CHUNK.IN_MEMORY, 0);
+      return;
+    }
+    const st = this.#st;
+    const unitShift = st.w[SW.UNIT_SHIFT]!;
+    const unit = 2 ** unitShift;
+    const sectors = Math.ceil(bytes / SECTOR / unit) * unit;
+    const filled = st.f[SF.FILLED]!;
+    if (filled + sectors > st.f[SF.REQUESTED]!) {
+      if (this.#startGrowth(sectors)) {
+        this.#deferred.push(d, n, buffer, bytes);
+        return;
+      }
+      this.#fail(dev, n, CHUNK.IN_MEMORY, -ERRNO.ENOSPC);
+      return;
+    }
+    st.f[SF.FILLED] = filled + sectors;
+    dev.ctl.f[CTL_F.FILLED_SECTORS]! += sectors;
+    this.#startGrowth(0); // early, when less than half a portion is left
+    dev.map.storing(n, filled / unit);
+    const slot = this.#freeSlots.pop();
+    assert(slot !== undefined, "store worker: no free write slot");
+    this.#slotDev[slot] = d;
+    this.#slotChunk[slot] = n;
+    this.#slotBuffer[slot] = buffer;
+    this.#slotBytes[slot] = bytes;
+    this.#ring.prepRw(
+      IORING_OP.WRITE,
+      this.#fd,
+      dev.poolBase + buffer * dev.bufferBytes,
+      bytes,
+      filled * SECTOR,
+      packUserData(UD_KIND.TARGET_IO, slot, SUB_WRITE),
+    );
+    this.#inflight++;
+  }
+
+  #written(slot: number, res: number): void {
+    const dev = this.#devs[this.#slotDev[slot]!]!;
+    const n = this.#slotChunk[slot]!;
+    const buffer = this.#slotBuffer[slot]!;
+    const ok = res === this.#slotBytes[slot];
+    this.#freeSlots.push(slot);
+    if (ok) {
+      dev.map.stored(n);
+      dev.pool.release(buffer);
+      dev.ctl.count(CTL_F.STORED);
+      if (dev.ctl.waiters > 0) wakeAll(this.#waker, dev.ctl);
+    } else {
+      this.#fail(dev, n, CHUNK.STORING, res < 0 ? res : -ERRNO.EIO);
+    }
+  }
+
+  /** The chunk fails (and with `negErrno`, its device's snapshot); its buffer goes back. */
+  #fail(dev: Dev, n: number, from: number, negErrno: number): void {
+    dev.pool.release(dev.map.failed(n, from));
+    if (negErrno < 0 && dev.ctl.corrupt(negErrno)) {
+      console.error(`blksnap: storing chunk ${n} failed (${negErrno}): snapshot corrupted`);
+    }
+    if (dev.ctl.waiters > 0) wakeAll(this.#waker, dev.ctl);
+  }
+
+  /**
+   * Starts a growth when what is left is under half a portion (or under
+   * `needSectors`). Returns whether a growth is (now) under way.
+   */
+  #startGrowth(needSectors: number): boolean {
+    const st = this.#st;
+    const w = st.w;
+    const f = st.f;
+    if (w[SW.GROWING] !== 0) return true;
+    if (w[SW.KIND] === STORAGE_KIND.BLOCKDEV || w[SW.CANNOT_GROW] !== 0) return false;
+    const capacity = f[SF.CAPACITY]!;
+    const left = f[SF.REQUESTED]! - f[SF.FILLED]!;
+    const portion = f[SF.GROWTH]!;
+    if (left >= Math.max(needSectors, portion / 2)) return false;
+    const size = Math.min(portion, f[SF.LIMIT]! - capacity);
+    if (size <= 0 || size < needSectors - left) {
+      this.#noSpace(needSectors);
+      return false;
+    }
+    this.#growthSectors = size;
+    w[SW.GROWING] = 1;
+    f[SF.REQUESTED] = capacity + size;
+    // fallocate SQE: off = offset, addr = length, len = mode (0: allocate and extend)
+    this.#ring.prepRw(
+      IORING_OP.FALLOCATE,
+      this.#fd,
+      size * SECTOR,
+      0,
+      capacity * SECTOR,
+      packUserData(UD_KIND.TARGET_IO, 0, SUB_GROW),
+    );
+    this.#inflight++;
+    return true;
+  }
+
+  #grown(res: number): void {
+    const st = this.#st;
+    st.w[SW.GROWING] = 0;
+    if (res === 0) {
+      st.f[SF.CAPACITY]! += this.#growthSectors;
+      st.f[SF.GROWTHS]!++;
+      if (st.f[SF.CAPACITY]! >= st.f[SF.LIMIT]!) this.#noSpace(0);
+    } else {
+      console.error(`blksnap: growing the difference storage failed (${res})`);
+      st.w[SW.CANNOT_GROW] = 1;
+      st.f[SF.REQUESTED] = st.f[SF.CAPACITY]!;
+      this.#noSpace(this.#growthSectors);
+    }
+    st.bumpEvents();
+    // Whatever waited for the growth goes again (or overflows now).
+    const waiting = this.#deferred.splice(0);
+    for (let i = 0; i < waiting.length; i += 4) {
+      this.#store(waiting[i]!, waiting[i + 1]!, waiting[i + 2]!, waiting[i + 3]!);
+    }
+  }
+
+  #dropDeferred(): void {
+    const waiting = this.#deferred.splice(0);
+    for (let i = 0; i < waiting.length; i += 4) {
+      this.#fail(this.#devs[waiting[i]!]!, waiting[i + 1]!, CHUNK.IN_MEMORY, 0);
+    }
+  }
+
+  #noSpace(requestedSectors: number): void {
+    const st = this.#st;
+    if (st.w[SW.NO_SPACE] !== 0) return;
+    st.w[SW.NO_SPACE] = 1;
+    st.f[SF.NO_SPACE_REQUESTED] = requestedSectors;
+    st.f[SF.NO_SPACE_TIME] = Date.now();
+    st.bumpEvents();
+  }
+}
+
+/** Installs the message handler of a store worker (`self` inside the worker). */
+export function runStoreWorker(self: Worker): void {
+  self.onmessage = (ev: MessageEvent<StoreWorkerInit>) => {
+    self.onmessage = null;
+    const post = (r: StoreWorkerReport) => self.postMessage(r);
+    try {
+      const loop = new StoreLoop(ev.data);
+      post({ type: "ready" });
+      loop.run();
+      post({ type: "exited" });
+    } catch (err) {
+      post({
+        type: "fatal",
+        message: err instanceof Error ? (err.stack ?? err.message) : String(err),
+      });
+    }
+  };
+}
