@@ -194,7 +194,10 @@ export class Daemon {
   async foreignDevices(): Promise<
     Array<{ ublkId: number; state: string; pid: number; pidAlive: boolean }>
   > {
-    const ours = new Set([...this.#tracked.values()].map((t) => t.info.ublkId));
+    const ours = new Set([
+      ...[...this.#tracked.values()].map((t) => t.info.ublkId),
+      ...this.snapshots.ublkIds(),
+    ]);
     const ids: number[] = [];
     try {
       for (const e of Deno.readDirSync("/sys/class/ublk-char")) {

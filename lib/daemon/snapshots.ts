@@ -16,7 +16,7 @@
  * operation fails with no change of state.
  */
 import type { Libc } from "../../ffi/libc.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError, ERRNO } from "../engine/errors.ts";
 import { EventQueue, type SnapshotEvent } from "../engine/event_queue.ts";
 import type { Params } from "../engine/params.ts";
 import { CTL, CTL_F } from "../pipeline/device_ctl.ts";
@@ -78,6 +78,8 @@ interface Snapshot {
   images: Map<string, Image>;
   events: EventQueue;
   reported: Set<string>;
+  /** Per device: the pool's release count and when it last moved while requests waited. */
+  progress: Map<string, { releases: number; since: number }>;
   poller: ReturnType<typeof setInterval> | null;
   chain: Promise<unknown>;
   destroyed: boolean;
@@ -147,6 +149,7 @@ export class Snapshots {
       images: new Map(),
       events: new EventQueue(),
       reported: new Set(),
+      progress: new Map(),
       poller: null,
       chain: Promise.resolve(),
       destroyed: false,
@@ -200,6 +203,13 @@ export class Snapshots {
       await this.#destroy(snap);
       return { id };
     });
+  }
+
+  /** The ublk ids of every image device. */
+  ublkIds(): number[] {
+    return [...this.#snaps.values()].flatMap((s) =>
+      [...s.images.values()].map((i) => i.device.devId)
+    );
   }
 
   collect(): { ids: string[] } {
@@ -419,7 +429,7 @@ export class Snapshots {
         else if (r.type === "exited") onExit();
         else {
           this.#host.log(`store worker of ${snap.id} failed: ${r.message}`);
-          for (const d of snap.devices) d.pipe.ctl.corrupt(-5);
+          for (const d of snap.devices) d.pipe.ctl.corrupt(-ERRNO.EIO);
           reject(new BlksnapError("EIO", `The store worker failed: ${r.message.split("\n")[0]}`));
           onExit();
         }
@@ -427,7 +437,7 @@ export class Snapshots {
       worker.onerror = (ev) => {
         ev.preventDefault();
         this.#host.log(`store worker of ${snap.id} crashed: ${ev.message}`);
-        for (const d of snap.devices) d.pipe.ctl.corrupt(-5);
+        for (const d of snap.devices) d.pipe.ctl.corrupt(-ERRNO.EIO);
         reject(new BlksnapError("EIO", `The store worker crashed: ${ev.message}`));
         onExit();
       };
@@ -532,9 +542,36 @@ export class Snapshots {
     if (errors.length > 0) throw errors[0];
   }
 
-  /** Turns what the workers flagged in shared memory into events. */
+  /**
+   * Invariant 3: the snapshot machinery never stalls writes. Requests that
+   * wait (for a buffer, or a chunk another queue loads) while nothing is
+   * stored or released for cow_stall_timeout_ms corrupt the device's part of
+   * the snapshot (-EIO); copy-on-write stops and they go through.
+   */
+  #watch(snap: Snapshot): void {
+    const now = Date.now();
+    for (const d of snap.devices) {
+      const releases = d.pipe.pool.releases;
+      const seen = snap.progress.get(d.originalKey);
+      if (d.pipe.ctl.waiters === 0 || seen === undefined || seen.releases !== releases) {
+        snap.progress.set(d.originalKey, { releases, since: now });
+        continue;
+      }
+      if (now - seen.since >= this.#host.params.cowStallTimeoutMs && d.pipe.ctl.error === 0) {
+        this.#host.log(
+          `snapshot ${snap.id}: copy-on-write of ${d.original} made no progress for ` +
+            `${now - seen.since} ms with requests waiting: corrupting it so that writes go on`,
+        );
+        d.pipe.ctl.corrupt(-ERRNO.EIO);
+        d.pipe.wakeAll();
+      }
+    }
+  }
+
+  /** Turns what the workers flagged in shared memory into events; watches for stalls. */
   #poll(snap: Snapshot): void {
     if (snap.takenAt === null) return;
+    this.#watch(snap);
     for (const d of snap.devices) {
       const error = Atomics.load(d.pipe.ctl.w, CTL.ERROR);
       if (error !== 0 && !snap.reported.has(d.originalKey)) {

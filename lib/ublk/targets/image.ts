@@ -251,6 +251,9 @@ export class ImageTarget implements UblkTarget {
     if (this.#pieces[tag]! > 0) return PENDING;
     if (this.#failed[tag] !== 0) return this.#failed[tag]!;
     if (n <= last) return this.#readRound(q, tag);
+    // A corruption stops copy-on-write before any write skips it: seen now, a
+    // read of the original may have raced such a write.
+    if (this.#ctl.error !== 0) return -ERRNO.EIO;
     return this.#bytes[tag]!;
   }
 
