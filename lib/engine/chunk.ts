@@ -80,12 +80,16 @@
  * is written before its state is published with `Atomics.store`. Another
  * worker reading the table without a lock does it as a seqlock reader:
  * load the layout sequence; if odd, retry; look the chunk up (directory,
- * segment, probe; the state with `Atomics.load` before the other words);
- * then load the sequence again and retry if it changed — a split may have
- * moved the record meanwhile. The buffer grows: before a lookup, a reader
- * re-makes its view when header word 6 (the end in use) is past it (a
- * fixed-length view; a length-tracking one works too, several times more
- * slowly). A record moves when its segment splits, so a worker that
+ * segment, probe) and copy the record's words, loading its state before and
+ * after them and retrying if it changed; then load the sequence again and
+ * retry if it changed. A split may move the record meanwhile, so a record
+ * read after the loop may be another chunk's; and indexes read mid-change
+ * may point anywhere, so a reader bounds-checks them and retries. A
+ * transition publishes its state after setting the extent and before
+ * clearing the buffer: a copy holds the buffer while its state holds one.
+ * The buffer grows: before a lookup, a reader re-makes its view when header
+ * word 6 (the end in use) is past it (a fixed-length view; a length-tracking
+ * one works too, several times more slowly). A record moves when its segment splits, so a worker that
  * `Atomics.wait`s on a transition counter must wait with a timeout and look
  * the record up again. {@linkcode ChunkTable.fromShared} does all this.
  *
@@ -205,6 +209,8 @@ const R_BUFFER = 3;
 const R_OFFSET_LO = 4;
 const R_OFFSET_HI = 5;
 const R_SEQUENCE = 6;
+/** What a view's lookup gives when it read a layout mid-change (it retries). */
+const TORN = -2;
 
 /** The 32-bit hash of a chunk number: low bits pick the segment, the top 8 bits the slot. */
 export function chunkHash(n: number): number {
@@ -233,6 +239,7 @@ export interface ChunkTableOptions {
  *
  * Lookups return a *slot* (a word index, -1 for none) read with the `…At`
  * accessors; a slot is valid until the next claim, which may move records.
+ * A view's `…At` accessors read the copy of the record its last lookup made.
  */
 export class ChunkTable {
   readonly #shared: SharedArrayBuffer;
@@ -244,6 +251,8 @@ export class ChunkTable {
   readonly #isView: boolean;
   /** Records of a splitting segment (owner only). */
   readonly #scratch: Int32Array;
+  /** A view's copy of the record its last lookup found, read inside the seqlock. */
+  readonly #record = new Int32Array(RECORD_WORDS);
 
   /**
    * @param source the options, or the most records the table will ever
@@ -318,34 +327,42 @@ export class ChunkTable {
     return Atomics.load(this.#words, H_SEQUENCE);
   }
 
-  /** The slot of chunk `n`, or -1 when it has no record (NOT_COPIED). */
+  /**
+   * The slot of chunk `n`, or -1 when it has no record (NOT_COPIED). A view
+   * copies the record inside the seqlock for the `…At` accessors.
+   */
   find(n: number): number {
     if (!this.#isView) return this.#find(n, chunkHash(n));
+    const hash = chunkHash(n);
     for (;;) {
       const sequence = Atomics.load(this.#words, H_SEQUENCE);
       if ((sequence & 1) !== 0) continue;
       this.#follow();
-      const slot = this.#find(n, chunkHash(n));
+      const slot = this.#find(n, hash);
+      if (slot === TORN || (slot >= 0 && !this.#copyRecord(slot))) continue;
       if (Atomics.load(this.#words, H_SEQUENCE) === sequence) return slot;
     }
   }
 
   /** State at a slot from {@linkcode find}; NOT_COPIED for -1. */
   stateAt(slot: number): ChunkState {
-    return slot < 0
-      ? ChunkState.NOT_COPIED
-      : Atomics.load(this.#words, slot + R_STATE) as ChunkState;
+    if (slot < 0) return ChunkState.NOT_COPIED;
+    if (this.#isView) return this.#record[R_STATE] as ChunkState;
+    return Atomics.load(this.#words, slot + R_STATE) as ChunkState;
   }
   /** Buffer index at a slot, or -1. */
   bufferAt(slot: number): number {
-    return slot < 0 ? -1 : this.#words[slot + R_BUFFER]!;
+    if (slot < 0) return -1;
+    return this.#isView ? this.#record[R_BUFFER]! : this.#words[slot + R_BUFFER]!;
   }
   /** Offset in the difference storage in sectors at a slot, or -1. */
   diffOffsetAt(slot: number): number {
     if (slot < 0) return -1;
-    const hi = this.#words[slot + R_OFFSET_HI]!;
+    const words = this.#isView ? this.#record : this.#words;
+    const base = this.#isView ? 0 : slot;
+    const hi = words[base + R_OFFSET_HI]!;
     if (hi < 0) return -1;
-    return hi * 2 ** 32 + (this.#words[slot + R_OFFSET_LO]! >>> 0);
+    return hi * 2 ** 32 + (words[base + R_OFFSET_LO]! >>> 0);
   }
 
   /** State of chunk `n`; NOT_COPIED when it has no record. */
@@ -359,7 +376,8 @@ export class ChunkTable {
   /** Transition counter of chunk `n` (0 without a record). */
   sequence(n: number): number {
     const slot = this.find(n);
-    return slot < 0 ? 0 : Atomics.load(this.#words, slot + R_SEQUENCE);
+    if (slot < 0) return 0;
+    return this.#isView ? this.#record[R_SEQUENCE]! : Atomics.load(this.#words, slot + R_SEQUENCE);
   }
   /** Buffer index of chunk `n`, or -1. */
   bufferIndex(n: number): number {
@@ -431,8 +449,9 @@ export class ChunkTable {
       words[slot + R_OFFSET_LO] = diffOffsetSectors % 2 ** 32;
       words[slot + R_OFFSET_HI] = Math.floor(diffOffsetSectors / 2 ** 32);
     }
-    if (to === ChunkState.STORED || to === ChunkState.FAILED) words[slot + R_BUFFER] = -1;
     Atomics.store(words, slot + R_STATE, to);
+    // after the state: a view that sees the old state must still see its buffer
+    if (to === ChunkState.STORED || to === ChunkState.FAILED) words[slot + R_BUFFER] = -1;
     Atomics.add(words, slot + R_SEQUENCE, 1);
     Atomics.notify(words, slot + R_SEQUENCE);
   }
@@ -481,10 +500,13 @@ export class ChunkTable {
     return words[words[H_DIRECTORY]! + (hash & ((1 << depth) - 1))]! * RECORD_WORDS;
   }
 
+  /** The slot of chunk `n`, -1, or TORN when a view read a layout mid-change. */
   #find(n: number, hash: number): number {
     const words = this.#words;
     if (Atomics.load(words, H_DIRECTORY) === 0) return -1;
     const segment = this.#segmentOf(hash);
+    // NaN (an entry past the view) fails it too
+    if (!(segment >= 0 && segment + SEGMENT_WORDS <= words.length)) return TORN;
     const lo = n % 2 ** 32 | 0;
     const hi = Math.floor(n / 2 ** 32) | 0;
     let index = hash >>> (32 - SEGMENT_SHIFT);
@@ -495,6 +517,26 @@ export class ChunkTable {
       index = (index + 1) & (SEGMENT_SLOTS - 1);
     }
     return -1;
+  }
+
+  /**
+   * A view copies the record at `slot` into #record; false when a transition
+   * raced the copy. What the state does not hold reads as none: a view may
+   * see the extent of STORING before the state, or a buffer after it left.
+   */
+  #copyRecord(slot: number): boolean {
+    const words = this.#words;
+    const record = this.#record;
+    const state = Atomics.load(words, slot + R_STATE);
+    record[R_BUFFER] = words[slot + R_BUFFER]!;
+    record[R_OFFSET_LO] = words[slot + R_OFFSET_LO]!;
+    record[R_OFFSET_HI] = words[slot + R_OFFSET_HI]!;
+    record[R_SEQUENCE] = Atomics.load(words, slot + R_SEQUENCE);
+    if (Atomics.load(words, slot + R_STATE) !== state) return false;
+    record[R_STATE] = state;
+    if (state === ChunkState.STORED || state === ChunkState.FAILED) record[R_BUFFER] = -1;
+    if (state === ChunkState.LOADING || state === ChunkState.IN_MEMORY) record[R_OFFSET_HI] = -1;
+    return true;
   }
 
   #probeEmpty(segment: number, hash: number): number {

@@ -110,9 +110,13 @@ export class BufferPool {
   release(index: number): void {
     if (!(index >= 0 && index < this.count)) unreachable(`release of buffer ${index}`);
     const mask = 1 << (index & 31);
-    const old = Atomics.or(this.#w, W_BITS + (index >>> 5), mask);
-    if ((old & mask) !== 0) unreachable(`buffer ${index} released twice`);
+    // uncount before freeing: a take right after the free bit must not count it twice
     Atomics.sub(this.#w, W_IN_USE, 1);
+    const old = Atomics.or(this.#w, W_BITS + (index >>> 5), mask);
+    if ((old & mask) !== 0) {
+      Atomics.add(this.#w, W_IN_USE, 1);
+      unreachable(`buffer ${index} released twice`);
+    }
     Atomics.add(this.#w, W_RELEASES, 1);
     Atomics.notify(this.#w, W_RELEASES);
   }
