@@ -4,6 +4,7 @@
 import { type Command, EXIT, noPositionals, UsageError, type Values } from "./command.ts";
 import { runDaemon } from "../daemon/run.ts";
 import { DEFAULT_DAEMON_OPTIONS } from "../daemon/daemon.ts";
+import { MAX_QUEUES } from "../pipeline/device_ctl.ts";
 import { DEFAULT_PARAMS, PARAM_SPECS, type Params, resolveParams } from "../engine/params.ts";
 import { BlksnapError } from "../engine/errors.ts";
 
@@ -47,7 +48,7 @@ Needs root and the ublk_drv module (Linux 6.0 or later).`,
   },
   async run(ctx, values, positionals) {
     noPositionals(this, positionals);
-    const queues = intOption(values, "queues", DEFAULT_DAEMON_OPTIONS.queues, 1, 64);
+    const queues = intOption(values, "queues", DEFAULT_DAEMON_OPTIONS.queues, 1, MAX_QUEUES);
     const queueDepth = intOption(values, "queue-depth", DEFAULT_DAEMON_OPTIONS.queueDepth, 1, 4096);
     const ioBufferKib = intOption(
       values,

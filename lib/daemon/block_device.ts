@@ -126,3 +126,42 @@ function holdersOf(n: DeviceNumber): string {
     return "";
   }
 }
+
+/**
+ * ublk parameters for a device that mirrors `geo`: its size and sector sizes,
+ * I/O size limits from the per-tag buffer, and discard when the original
+ * has it (a tracked device) — an image passes no discard geometry.
+ */
+export function ublkParams(
+  geo: Pick<Geometry, "sizeBytes" | "logicalBlockSize" | "physicalBlockSize"> & {
+    discardMaxBytes?: number;
+    discardGranularity?: number;
+  },
+  maxIoBufBytes: number,
+  options: { writeCache: boolean },
+) {
+  const logicalBsShift = Math.log2(geo.logicalBlockSize);
+  const physicalBsShift = Math.max(
+    logicalBsShift,
+    Math.min(Math.log2(geo.physicalBlockSize || 512), 12),
+  );
+  const maxDiscard = Math.min(Math.floor((geo.discardMaxBytes ?? 0) / 512), 2_097_152);
+  return {
+    devSectors: geo.sizeBytes / 512,
+    logicalBsShift,
+    physicalBsShift,
+    ioMinShift: physicalBsShift,
+    ioOptShift: physicalBsShift,
+    maxSectors: maxIoBufBytes / 512,
+    writeCache: options.writeCache,
+    ...(maxDiscard > 0
+      ? {
+        discard: {
+          granularityBytes: Math.max(geo.discardGranularity ?? 0, geo.logicalBlockSize),
+          maxDiscardSectors: maxDiscard,
+          maxWriteZeroesSectors: maxDiscard,
+        },
+      }
+      : {}),
+  };
+}

@@ -17,9 +17,10 @@ import {
   openExclusive,
   readGeometry,
   splitDevT,
+  ublkParams,
 } from "./block_device.ts";
 import { type ArgsOf, PROTOCOL_VERSION, type SectorRange } from "./protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError, ERRNO } from "../engine/errors.ts";
 import { DevicePipe } from "./pipe.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
 import { Buffer } from "node:buffer";
@@ -310,7 +311,7 @@ export class Daemon {
         queues: this.options.queues,
         depth: this.options.queueDepth,
         maxIoBufBytes: this.options.maxIoBufBytes,
-        params: deviceParams(geo, this.options.maxIoBufBytes),
+        params: ublkParams(geo, this.options.maxIoBufBytes, { writeCache: true }),
         target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
         recovery: true,
         onFatal: (message) => this.#onQueueFatal(id.key, message),
@@ -408,8 +409,11 @@ export class Daemon {
 
   async #remove(t: Tracked, afterStop?: () => void): Promise<void> {
     if (t.snapshotId !== null) {
-      // A failed device takes its snapshot with it (images first).
-      await this.snapshots.destroy(t.snapshotId).catch((err) =>
+      // A device going away takes its snapshot with it, mounted images or not:
+      // corrupted first, so no image serves what the original now holds.
+      t.pipe.ctl.corrupt(-ERRNO.ENODEV);
+      t.pipe.wakeAll();
+      await this.snapshots.destroy(t.snapshotId, true).catch((err) =>
         log(`destroying snapshot ${t.snapshotId} of ${t.info.original} failed: ${err}`)
       );
     }
@@ -485,33 +489,6 @@ function validateGeometry(path: string, geo: Geometry): void {
       `Cannot attach "${path}": size is not a multiple of its block size`,
     );
   }
-}
-
-function deviceParams(geo: Geometry, maxIoBufBytes: number) {
-  const logicalBsShift = Math.log2(geo.logicalBlockSize);
-  const physicalBsShift = Math.max(
-    logicalBsShift,
-    Math.min(Math.log2(geo.physicalBlockSize || 512), 12),
-  );
-  const maxDiscard = Math.min(Math.floor(geo.discardMaxBytes / 512), 2_097_152);
-  return {
-    devSectors: geo.sizeBytes / 512,
-    logicalBsShift,
-    physicalBsShift,
-    ioMinShift: physicalBsShift,
-    ioOptShift: physicalBsShift,
-    maxSectors: maxIoBufBytes / 512,
-    writeCache: true,
-    ...(maxDiscard > 0
-      ? {
-        discard: {
-          granularityBytes: Math.max(geo.discardGranularity, geo.logicalBlockSize),
-          maxDiscardSectors: maxDiscard,
-          maxWriteZeroesSectors: maxDiscard,
-        },
-      }
-      : {}),
-  };
 }
 
 export function log(message: string): void {

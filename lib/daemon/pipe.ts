@@ -53,6 +53,7 @@ export class DevicePipe {
     this.wakeFds = [];
     try {
       for (let q = 0; q < options.queues; q++) this.wakeFds.push(this.#eventfd());
+      for (let q = 0; q < options.queues; q++) this.#imageWakeFds.push(this.#eventfd());
     } catch (err) {
       this.close();
       throw err;
@@ -60,6 +61,7 @@ export class DevicePipe {
     const w = this.ctl.w;
     w[CTL.QUEUES] = options.queues;
     this.wakeFds.forEach((fd, i) => (w[CTL.QUEUE_EFD + i] = fd));
+    this.#imageWakeFds.forEach((fd, i) => (w[CTL.IMAGE_EFD + i] = fd));
     w[CTL.CHUNK_SHIFT] = this.geometry.chunkShift;
     w[CTL.CHUNK_COUNT] = this.geometry.chunkCount;
     w[CTL.POOL_COUNT] = this.pool.count;
@@ -79,38 +81,39 @@ export class DevicePipe {
     return this.geometry.chunkSectors * 512;
   }
 
-  /** Eventfds for an image's queues, listed in the control block so that others wake them. */
-  makeImageWakeFds(queues: number): number[] {
-    this.closeImageWakeFds();
-    for (let q = 0; q < queues; q++) this.#imageWakeFds.push(this.#eventfd());
-    const w = this.ctl.w;
-    this.#imageWakeFds.forEach((fd, i) => Atomics.store(w, CTL.IMAGE_EFD + i, fd));
-    Atomics.store(w, CTL.IMAGE_QUEUES, queues);
+  /** Eventfds of the image's queues (made at attach, reused by every image of the device). */
+  get imageWakeFds(): number[] {
     return [...this.#imageWakeFds];
   }
 
-  closeImageWakeFds(): void {
-    Atomics.store(this.ctl.w, CTL.IMAGE_QUEUES, 0);
-    for (const fd of this.#imageWakeFds) this.#libc.close(fd);
-    this.#imageWakeFds = [];
+  /** Lists the image's eventfds in the control block, so others wake its queues (or stop). */
+  setImageQueues(active: boolean): void {
+    Atomics.store(this.ctl.w, CTL.IMAGE_QUEUES, active ? this.#imageWakeFds.length : 0);
+  }
+
+  /** Whether copy-on-write memory is mapped (a take is armed). */
+  get armed(): boolean {
+    return this.#poolPtr !== null;
   }
 
   /**
    * With the gate closed and drained: arms copy-on-write for a new take
-   * (fresh chunk map, pool memory, storage words) and bumps the epoch.
+   * (fresh chunk map, rings and counters, pool memory, storage words) and
+   * bumps the epoch. On failure nothing is armed.
    */
   arm(storage: { fd: number; storeWakeFd: number; unitShift: number }): void {
     assert(this.ctl.admitted === 0, "arm() with writes in flight");
     assert(this.#poolPtr === null, "arm() twice");
     this.chunks.clear();
     this.pool.reset();
+    for (const r of [...this.shared.trackedRings, ...this.shared.imageRings]) {
+      new SpscRing(r).reset();
+    }
+    this.ctl.resetCounters();
     this.#poolBytes = this.pool.count * this.chunkBytes;
     this.#poolPtr = this.#libc.mmapAnonymous(this.#poolBytes);
     const w = this.ctl.w;
     this.ctl.f[CTL_F.POOL_ADDRESS] = addressOf(this.#poolPtr);
-    for (const slot of [CTL_F.COW_LOADS, CTL_F.STORED, CTL_F.FILLED_SECTORS, CTL_F.PARKED]) {
-      this.ctl.f[slot] = 0;
-    }
     w[CTL.STORAGE_FD] = storage.fd;
     w[CTL.STORE_EFD] = storage.storeWakeFd;
     w[CTL.UNIT_SHIFT] = storage.unitShift;
@@ -125,17 +128,22 @@ export class DevicePipe {
     this.wakeAll();
   }
 
-  /** With the gate closed, drained and the store worker gone: frees the take's memory. */
-  disarm(): void {
-    assert(this.ctl.admitted === 0, "disarm() with writes in flight");
-    Atomics.store(this.ctl.w, CTL.COW_ACTIVE, 0);
-    this.ctl.f[CTL_F.POOL_ADDRESS] = 0;
+  /**
+   * With the gate closed and the store worker gone: ends the take. When
+   * `drained` is false a request may still hold pool memory or chunk words
+   * (a queue died, or hangs): then they are left as they are and the memory
+   * is leaked rather than pulled from under it.
+   */
+  disarm(drained: boolean): void {
     const w = this.ctl.w;
+    Atomics.store(w, CTL.COW_ACTIVE, 0);
+    this.ctl.f[CTL_F.POOL_ADDRESS] = 0;
     w[CTL.STORAGE_FD] = -1;
     w[CTL.STORE_EFD] = -1;
     Atomics.add(w, CTL.EPOCH, 1);
-    if (this.#poolPtr !== null) this.#libc.munmap(this.#poolPtr, this.#poolBytes);
+    if (this.#poolPtr !== null && drained) this.#libc.munmap(this.#poolPtr, this.#poolBytes);
     this.#poolPtr = null;
+    if (!drained) return;
     this.chunks.clear();
     this.pool.reset();
   }
@@ -144,13 +152,14 @@ export class DevicePipe {
     wakeAll(this.#waker, this.ctl);
   }
 
-  /** After the device and its queues are gone. */
+  /** After the device, its image and every worker are gone. */
   close(): void {
-    this.closeImageWakeFds();
-    if (this.#poolPtr !== null) this.#libc.munmap(this.#poolPtr, this.#poolBytes);
+    this.setImageQueues(false);
+    // Still armed means a take could not be ended cleanly: leak the memory, never unmap it.
     this.#poolPtr = null;
-    for (const fd of this.wakeFds) this.#libc.close(fd);
+    for (const fd of [...this.wakeFds, ...this.#imageWakeFds]) this.#libc.close(fd);
     this.wakeFds.length = 0;
+    this.#imageWakeFds = [];
   }
 
   #eventfd(): number {

@@ -26,7 +26,7 @@ import type { UblkControl } from "../ublk/control.ts";
 import { UblkDevice } from "../ublk/device.ts";
 import { Waker } from "../ublk/targets/waker.ts";
 import { EFD_CLOEXEC } from "../../ffi/libc.ts";
-import { openExclusive, splitDevT } from "./block_device.ts";
+import { openExclusive, splitDevT, ublkParams } from "./block_device.ts";
 import { freezeAll, thawAll } from "./freeze.ts";
 import type { DevicePipe } from "./pipe.ts";
 import { type OpenStorage, openStorage } from "./storage.ts";
@@ -198,9 +198,10 @@ export class Snapshots {
     });
   }
 
-  destroy(id: string) {
+  /** `force`: even with a mounted image (shutdown, or one of its devices failed). */
+  destroy(id: string, force = false) {
     return this.#serial(id, async (snap) => {
-      await this.#destroy(snap);
+      await this.#destroy(snap, force);
       return { id };
     });
   }
@@ -251,12 +252,13 @@ export class Snapshots {
           image: s.images.get(d.originalKey)?.path ?? null,
           errorCode: s.takenAt ? Atomics.load(d.pipe.ctl.w, CTL.ERROR) : 0,
           chunkBytes: d.pipe.chunkBytes,
-          copiedChunks: d.pipe.ctl.f[CTL_F.COW_LOADS]!,
+          copiedChunks: Atomics.load(d.pipe.ctl.w, CTL.COW_LOADS),
           storedChunks: d.pipe.ctl.f[CTL_F.STORED]!,
-          parked: d.pipe.ctl.f[CTL_F.PARKED]!,
-          imageReads: d.pipe.ctl.f[CTL_F.IMAGE_READS]!,
-          imageWrites: d.pipe.ctl.f[CTL_F.IMAGE_WRITES]!,
+          parked: Atomics.load(d.pipe.ctl.w, CTL.PARKED),
+          imageReads: Atomics.load(d.pipe.ctl.w, CTL.IMAGE_READS),
+          imageWrites: Atomics.load(d.pipe.ctl.w, CTL.IMAGE_WRITES),
           buffersInUse: d.pipe.pool.inUse,
+          buffersPeak: d.pipe.pool.peak,
         })),
         storage: {
           path: s.storage.path,
@@ -325,34 +327,56 @@ export class Snapshots {
     const host = this.#host;
     const libc = host.libc;
     const unitShift = snap.devices.every((d) => d.pipe.chunkBytes >= 4096) ? 3 : 0;
-    const capacity = Math.min(snap.storage.sizeBytes / 512, snap.limitSectors);
+    // Offsets are 32-bit counts of units: past that the storage is no use.
+    const limitSectors = Math.min(snap.limitSectors, (2 ** 32 - 1) * 2 ** unitShift);
+    const capacity = Math.min(snap.storage.sizeBytes / 512, limitSectors);
     const st = StorageCtl.create({
       kind: snap.storage.kind,
       capacitySectors: Math.floor(capacity / 2 ** unitShift) * 2 ** unitShift,
-      limitSectors: snap.limitSectors,
+      limitSectors,
       growthSectors: host.params.diffStorageMinimumSectors,
       unitShift,
     });
     snap.storeWakeFd = libc.check(libc.sym.eventfd(0, EFD_CLOEXEC), "eventfd");
+    const warnings: string[] = [];
     let armed = false;
     try {
-      // 1. every device arms copy-on-write at one instant, with writes drained
-      const frozen = freezeAll(libc, snap.devices.map((d) => d.trackedKey), host.log);
+      // 1. every device arms copy-on-write at one instant, with writes drained.
+      // Nothing is logged while filesystems are frozen: the log may be on one.
+      const frozen = freezeAll(
+        libc,
+        snap.devices.map((d) => d.trackedKey),
+        (m) => warnings.push(m),
+      );
       try {
         for (const d of snap.devices) d.pipe.ctl.closeGate();
         try {
-          for (const d of snap.devices) {
-            if (!await d.pipe.ctl.drained(DRAIN_TIMEOUT_MS)) {
-              throw new BlksnapError(
-                "ETIMEDOUT",
-                `Writes to ${d.tracked} did not drain in ${DRAIN_TIMEOUT_MS} ms`,
-              );
-            }
+          const drained = await Promise.all(
+            snap.devices.map((d) => d.pipe.ctl.drained(DRAIN_TIMEOUT_MS)),
+          );
+          const stuck = snap.devices.filter((_, i) => !drained[i]);
+          if (stuck.length > 0) {
+            throw new BlksnapError(
+              "ETIMEDOUT",
+              `Writes to ${
+                stuck.map((d) => d.tracked).join(", ")
+              } did not drain in ${DRAIN_TIMEOUT_MS} ms`,
+            );
           }
+          const done: SnapshotDevice[] = [];
+          try {
+            for (const d of snap.devices) {
+              d.pipe.arm({ fd: snap.storage.fd, storeWakeFd: snap.storeWakeFd, unitShift });
+              done.push(d);
+            }
+          } catch (err) {
+            for (const d of done) d.pipe.disarm(true);
+            throw err;
+          }
+          // Only now, when nothing can fail any more: the CBT maps switch.
           for (const d of snap.devices) {
             if (d.pipe.cbt.isCorrupted) d.pipe.cbt.resetInPlace();
             d.pipe.cbt.switch();
-            d.pipe.arm({ fd: snap.storage.fd, storeWakeFd: snap.storeWakeFd, unitShift });
           }
           armed = true;
         } finally {
@@ -362,28 +386,42 @@ export class Snapshots {
           }
         }
       } finally {
-        thawAll(libc, frozen, host.log);
+        thawAll(libc, frozen, (m) => warnings.push(m));
+        for (const m of warnings) host.log(m);
       }
       snap.takenAt = new Date().toISOString();
       snap.storageCtl = st;
       // 2. the store worker, then the images (the devices already copy on write)
       await this.#startStore(snap, st);
       for (const d of snap.devices) {
-        const wakeFds = d.pipe.makeImageWakeFds(host.queues);
+        d.pipe.setImageQueues(true);
         const device = await UblkDevice.create(host.ctrl, libc, {
           queues: host.queues,
           depth: host.queueDepth,
           maxIoBufBytes: host.maxIoBufBytes,
-          params: imageParams(d, host.maxIoBufBytes),
+          params: ublkParams(
+            {
+              sizeBytes: d.sizeBytes,
+              logicalBlockSize: d.logicalBlockSize,
+              physicalBlockSize: d.physicalBlockSize,
+            },
+            host.maxIoBufBytes,
+            { writeCache: false },
+          ),
           target: {
             kind: "image",
             originalFd: d.originalFd,
             storageFd: snap.storage.fd,
             device: d.pipe.shared,
-            wakeFds,
+            wakeFds: d.pipe.imageWakeFds,
           },
           recovery: false,
-          onFatal: (message) => host.log(`image of ${d.original} failed: ${message}`),
+          onFatal: (message) => {
+            host.log(`image of ${d.original} failed: ${message}`);
+            // Its parked requests and claimed chunks are lost: the snapshot of the device too.
+            d.pipe.ctl.corrupt(-ERRNO.EIO);
+            d.pipe.wakeAll();
+          },
         });
         snap.images.set(d.originalKey, { device, path: device.blockPath });
       }
@@ -422,24 +460,27 @@ export class Snapshots {
     snap.store = worker;
     let onExit!: () => void;
     snap.storeExited = new Promise<void>((r) => (onExit = r));
+    // A store worker that dies leaves every loaded chunk IN_MEMORY: the snapshot
+    // is lost, and whatever waits for a buffer or a store must go on.
+    const died = (message: string, reject: (e: Error) => void) => {
+      this.#host.log(`store worker of ${snap.id} failed: ${message}`);
+      for (const d of snap.devices) {
+        d.pipe.ctl.corrupt(-ERRNO.EIO);
+        d.pipe.wakeAll();
+      }
+      reject(new BlksnapError("EIO", `The store worker failed: ${message.split("\n")[0]}`));
+      onExit();
+    };
     const ready = new Promise<void>((resolve, reject) => {
       worker.onmessage = (ev: MessageEvent<StoreWorkerReport>) => {
         const r = ev.data;
         if (r.type === "ready") resolve();
         else if (r.type === "exited") onExit();
-        else {
-          this.#host.log(`store worker of ${snap.id} failed: ${r.message}`);
-          for (const d of snap.devices) d.pipe.ctl.corrupt(-ERRNO.EIO);
-          reject(new BlksnapError("EIO", `The store worker failed: ${r.message.split("\n")[0]}`));
-          onExit();
-        }
+        else died(r.message, reject);
       };
       worker.onerror = (ev) => {
         ev.preventDefault();
-        this.#host.log(`store worker of ${snap.id} crashed: ${ev.message}`);
-        for (const d of snap.devices) d.pipe.ctl.corrupt(-ERRNO.EIO);
-        reject(new BlksnapError("EIO", `The store worker crashed: ${ev.message}`));
-        onExit();
+        died(ev.message, reject);
       };
     });
     const init: StoreWorkerInit = {
@@ -458,10 +499,16 @@ export class Snapshots {
     await ready;
   }
 
-  /** Refuses while an image is in use, then tears the snapshot down and forgets it. */
+  /**
+   * Refuses while an image is in use (unless `force`: shutdown, or a device
+   * that failed), then tears the snapshot down and forgets it.
+   */
   async #destroy(snap: Snapshot, force = false): Promise<void> {
     const libc = this.#host.libc;
     const guards: number[] = [];
+    const closeGuards = () => {
+      for (const fd of guards.splice(0)) libc.close(fd);
+    };
     try {
       for (const [, image] of snap.images) {
         try {
@@ -478,11 +525,9 @@ export class Snapshots {
           if (!force) throw err;
         }
       }
-      await this.#teardown(snap, () => {
-        for (const fd of guards.splice(0)) libc.close(fd);
-      });
+      await this.#teardown(snap, closeGuards);
     } finally {
-      for (const fd of guards) libc.close(fd);
+      closeGuards();
     }
     snap.destroyed = true;
     snap.events.close();
@@ -492,53 +537,68 @@ export class Snapshots {
     this.#host.log(`snapshot ${snap.id} destroyed`);
   }
 
-  /** Images away, copy-on-write off, store worker stopped, memory freed. */
+  /**
+   * Images away, copy-on-write off, store worker stopped, memory freed. The
+   * gates always open again, whatever fails; a device whose writes do not
+   * drain keeps its take's memory (leaked, never unmapped under a request).
+   */
   async #teardown(snap: Snapshot, afterImagesStop?: () => void): Promise<void> {
     const host = this.#host;
     if (snap.poller !== null) clearInterval(snap.poller);
     snap.poller = null;
     const errors: unknown[] = [];
+    let first = true;
     for (const [key, image] of snap.images) {
       try {
-        await image.device.destroy(afterImagesStop);
+        // The guards of every image close once the first is stopped (as detach does).
+        await image.device.destroy(first ? afterImagesStop : undefined);
       } catch (err) {
         errors.push(err);
       }
+      first = false;
       snap.images.delete(key);
     }
     afterImagesStop?.();
-    for (const d of snap.devices) d.pipe.closeImageWakeFds();
-    if (snap.takenAt !== null || snap.store !== null) {
-      for (const d of snap.devices) {
-        d.pipe.ctl.closeGate();
-        d.pipe.stopCow();
-      }
-      for (const d of snap.devices) {
-        if (!await d.pipe.ctl.drained(DRAIN_TIMEOUT_MS)) {
+    for (const d of snap.devices) d.pipe.setImageQueues(false);
+    const armed = snap.devices.filter((d) => d.pipe.armed);
+    for (const d of armed) {
+      d.pipe.ctl.closeGate();
+      d.pipe.stopCow();
+    }
+    try {
+      const drained = await Promise.all(armed.map((d) => d.pipe.ctl.drained(DRAIN_TIMEOUT_MS)));
+      armed.forEach((d, i) => {
+        if (!drained[i]) {
           errors.push(new BlksnapError("ETIMEDOUT", `Writes to ${d.tracked} did not drain`));
+          host.log(`writes to ${d.tracked} did not drain: its snapshot memory is leaked`);
         }
-      }
+      });
       if (snap.store !== null && snap.storageCtl !== null) {
         Atomics.store(snap.storageCtl.w, SW.STOP, 1);
         this.#waker.wake(snap.storeWakeFd);
         let timer: ReturnType<typeof setTimeout> | undefined;
-        await Promise.race([
-          snap.storeExited,
-          new Promise<void>((r) => (timer = setTimeout(r, STORE_TIMEOUT_MS))),
+        const exited = await Promise.race([
+          snap.storeExited!.then(() => true),
+          new Promise<boolean>((r) => (timer = setTimeout(() => r(false), STORE_TIMEOUT_MS))),
         ]);
         clearTimeout(timer);
         snap.store.terminate();
         snap.store = null;
+        if (!exited) {
+          errors.push(new BlksnapError("ETIMEDOUT", "The store worker did not stop"));
+          drained.fill(false); // it may still write from the pool
+        }
       }
-      for (const d of snap.devices) {
-        d.pipe.disarm();
+      armed.forEach((d, i) => d.pipe.disarm(drained[i]!));
+    } finally {
+      for (const d of armed) {
         d.pipe.ctl.openGate();
         d.pipe.wakeAll();
       }
+      if (snap.storeWakeFd >= 0) host.libc.close(snap.storeWakeFd);
+      snap.storeWakeFd = -1;
+      snap.takenAt = null;
     }
-    if (snap.storeWakeFd >= 0) host.libc.close(snap.storeWakeFd);
-    snap.storeWakeFd = -1;
-    snap.takenAt = null;
     if (errors.length > 0) throw errors[0];
   }
 
@@ -553,6 +613,10 @@ export class Snapshots {
     for (const d of snap.devices) {
       const releases = d.pipe.pool.releases;
       const seen = snap.progress.get(d.originalKey);
+      if (d.pipe.ctl.waiters > 0 && d.pipe.ctl.error !== 0) {
+        d.pipe.wakeAll(); // nothing to wait for any more: let them go (they fail or pass through)
+        continue;
+      }
       if (d.pipe.ctl.waiters === 0 || seen === undefined || seen.releases !== releases) {
         snap.progress.set(d.originalKey, { releases, since: now });
         continue;
@@ -614,22 +678,5 @@ function eventResult(event: SnapshotEvent) {
     event: "no_space",
     code: 1,
     requestedSectors: event.requestedSectors,
-  };
-}
-
-function imageParams(d: SnapshotDevice, maxIoBufBytes: number) {
-  const logicalBsShift = Math.log2(d.logicalBlockSize);
-  const physicalBsShift = Math.max(
-    logicalBsShift,
-    Math.min(Math.log2(d.physicalBlockSize || 512), 12),
-  );
-  return {
-    devSectors: d.sizeBytes / 512,
-    logicalBsShift,
-    physicalBsShift,
-    ioMinShift: physicalBsShift,
-    ioOptShift: physicalBsShift,
-    maxSectors: maxIoBufBytes / 512,
-    writeCache: false,
   };
 }

@@ -35,8 +35,9 @@
  * original re-checks the word afterwards: still NOT_COPIED or LOADING means
  * no write can have reached those sectors yet (invariant 2).
  *
- * Memory is 8 bytes per chunk (8 MiB per TiB with 256 KiB chunks), reserved
- * when the device is attached and committed at the first take. The engine's
+ * Memory is 8 bytes per chunk (8 MiB per TiB with 256 KiB chunks), a
+ * SharedArrayBuffer made when the device is attached (zero pages until a take
+ * touches them: the kernel commits it lazily). The engine's
  * ChunkTable (a hash of touched chunks, one writer) stays the single-thread
  * engine's; dense words are what lets every queue claim lock-free.
  *

@@ -13,7 +13,7 @@
  * to zero. Both sides use sequentially consistent atomics, so either the
  * queue sees the gate closed, or the main thread sees its count: no write
  * straddles the switch. `finish()` ends an admitted write (after the original
- * completed it). Opening the gate wakes every queue.
+ * completed it). Whoever opens the gate must wake every queue.
  *
  * ## Snapshot words
  *
@@ -43,6 +43,7 @@ export const CTL = {
   CHUNK_COUNT: 7,
   POOL_COUNT: 8,
   BUFFER_BYTES: 9,
+  /** The storage fd of the current take (status and debugging). */
   STORAGE_FD: 10,
   STORE_EFD: 11,
   /** Storage offsets are kept in units of 2^UNIT_SHIFT sectors. */
@@ -51,26 +52,26 @@ export const CTL = {
   EVENTS: 13,
   QUEUES: 14,
   IMAGE_QUEUES: 15,
+  /** Counters of the current take, bumped atomically by any queue (status). */
+  COW_LOADS: 16,
+  /** Requests that had to wait (for a chunk another queue loads, or a buffer). */
+  PARKED: 17,
+  IMAGE_READS: 18,
+  IMAGE_WRITES: 19,
   /** eventfds of the tracked device's queues, then of the image's. */
-  QUEUE_EFD: 16,
-  IMAGE_EFD: 16 + MAX_QUEUES,
-  WORDS: 16 + 2 * MAX_QUEUES,
+  QUEUE_EFD: 24,
+  IMAGE_EFD: 24 + MAX_QUEUES,
+  WORDS: 24 + 2 * MAX_QUEUES,
 } as const;
 
 /** Float64 slots after the Int32 words. */
 export const CTL_F = {
   POOL_ADDRESS: 0,
-  /** Chunks copied by copy-on-write of the tracked device (loads). */
-  COW_LOADS: 1,
-  /** Chunks written to the storage. */
-  STORED: 2,
-  /** Sectors of the storage holding chunks. */
-  FILLED_SECTORS: 3,
-  /** Requests that had to wait (for a chunk another queue loads, or a buffer). */
-  PARKED: 4,
-  IMAGE_READS: 5,
-  IMAGE_WRITES: 6,
-  SLOTS: 8,
+  /** Chunks written to the storage (the store worker's). */
+  STORED: 1,
+  /** Sectors of the storage holding this device's chunks (the store worker's). */
+  FILLED_SECTORS: 2,
+  SLOTS: 4,
 } as const;
 
 const FLOAT_OFFSET = CTL.WORDS * 4;
@@ -201,8 +202,17 @@ export class DeviceCtl {
     return this.f[CTL_F.POOL_ADDRESS]!;
   }
 
-  /** Adds to a Float64 counter (one writer per counter, or approximate). */
-  count(slot: number, by = 1): void {
-    this.f[slot]! += by;
+  /** Adds to one of the Int32 counters (COW_LOADS, PARKED, IMAGE_READS, IMAGE_WRITES). */
+  count(word: number, by = 1): void {
+    Atomics.add(this.w, word, by);
+  }
+
+  /** Zeroes the counters of a take. */
+  resetCounters(): void {
+    for (const word of [CTL.COW_LOADS, CTL.PARKED, CTL.IMAGE_READS, CTL.IMAGE_WRITES]) {
+      Atomics.store(this.w, word, 0);
+    }
+    this.f[CTL_F.STORED] = 0;
+    this.f[CTL_F.FILLED_SECTORS] = 0;
   }
 }

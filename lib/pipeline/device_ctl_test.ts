@@ -83,16 +83,21 @@ Deno.test("DeviceCtl.corrupt() keeps the first error, stops copy-on-write and bu
   assertThrows(() => ctl.corrupt(5), AssertionError, "negative errno");
 });
 
-Deno.test("DeviceCtl counts parked requests and Float64 counters", () => {
+Deno.test("DeviceCtl counts parked requests and take counters, and resets them", () => {
   const ctl = DeviceCtl.create();
   ctl.addParked(2);
   ctl.addParked(-1);
   assertEquals(ctl.waiters, 1);
-  ctl.count(CTL_F.COW_LOADS);
-  ctl.count(CTL_F.FILLED_SECTORS, 2 ** 40);
-  ctl.count(CTL_F.FILLED_SECTORS, 8);
-  assertEquals(ctl.f[CTL_F.COW_LOADS], 1);
-  assertEquals(ctl.f[CTL_F.FILLED_SECTORS], 2 ** 40 + 8);
+  ctl.count(CTL.COW_LOADS);
+  ctl.count(CTL.IMAGE_READS, 5);
+  ctl.f[CTL_F.FILLED_SECTORS] = 2 ** 40 + 8;
+  assertEquals(Atomics.load(ctl.w, CTL.COW_LOADS), 1);
+  assertEquals(Atomics.load(ctl.w, CTL.IMAGE_READS), 5);
+  ctl.resetCounters();
+  assertEquals(Atomics.load(ctl.w, CTL.COW_LOADS), 0);
+  assertEquals(Atomics.load(ctl.w, CTL.IMAGE_READS), 0);
+  assertEquals(ctl.f[CTL_F.FILLED_SECTORS], 0);
+  assertEquals(ctl.waiters, 1, "parked requests are not a take's counter");
 });
 
 Deno.test("DeviceCtl.queueEventFds() lists the armed eventfds of both kinds of queue", () => {

@@ -65,6 +65,12 @@ export class SpscRing {
     return new SpscRing(shared);
   }
 
+  /** Empties the ring; only while neither side uses it. */
+  reset(): void {
+    Atomics.store(this.#w, HEAD, 0);
+    Atomics.store(this.#w, TAIL, 0);
+  }
+
   /** Records waiting. */
   get length(): number {
     return (Atomics.load(this.#w, TAIL) - Atomics.load(this.#w, HEAD)) | 0;

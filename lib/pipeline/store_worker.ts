@@ -17,7 +17,7 @@
  * that fails, fails the chunk and corrupts its device's part of the snapshot
  * (invariant 3).
  */
-import { openLibc } from "../../ffi/libc.ts";
+import { type Libc, openLibc, PR_SET_IO_FLUSHER } from "../../ffi/libc.ts";
 import { openLiburing } from "../../ffi/liburing.ts";
 import { ERRNO } from "../../ffi/errno.ts";
 import { IORING_OP, IORING_SETUP } from "../../ffi/uring_abi.ts";
@@ -52,9 +52,9 @@ export type StoreWorkerReport =
   | { type: "exited" }
   | { type: "fatal"; message: string };
 
-const SUB_WRITE = 0;
-const SUB_GROW = 1;
 const SECTOR = 512;
+/** A write's slot rides in the tag (16 bits) and sub-index (7 bits) of its user_data. */
+const MAX_SLOTS = 1 << 23;
 
 interface Dev {
   ctl: DeviceCtl;
@@ -72,6 +72,7 @@ export class StoreLoop {
   readonly #fd: number;
   readonly #wakeFd: number;
   readonly #wakeBuf: Deno.PointerObject;
+  readonly #libc: Libc;
   readonly #devs: Dev[];
   // in-flight writes, by slot
   readonly #slotDev: Int32Array;
@@ -87,6 +88,9 @@ export class StoreLoop {
 
   constructor(init: StoreWorkerInit) {
     const libc = openLibc();
+    this.#libc = libc;
+    // Reclaim must not wait on the devices whose copy-on-write waits on this thread.
+    libc.check(libc.sym.prctl(PR_SET_IO_FLUSHER, 1n, 0n, 0n, 0n), "prctl(PR_SET_IO_FLUSHER)");
     const uring = openLiburing();
     this.#waker = new Waker(libc);
     this.#st = new StorageCtl(init.storage);
@@ -105,7 +109,7 @@ export class StoreLoop {
       };
     });
     const slots = this.#devs.reduce((a, d) => a + d.pool.count, 0);
-    assert(slots < 0xffff, "too many buffers for one store worker");
+    assert(slots < MAX_SLOTS, "too many buffers for one store worker");
     this.#slotDev = new Int32Array(slots);
     this.#slotChunk = new Float64Array(slots);
     this.#slotBuffer = new Int32Array(slots);
@@ -136,6 +140,7 @@ export class StoreLoop {
       this.#ring.drain(this.#onCqe);
     }
     this.#ring.close();
+    this.#libc.free(this.#wakeBuf);
     Atomics.store(st.w, SW.EXITED, 1);
     st.bumpEvents();
   }
@@ -146,10 +151,11 @@ export class StoreLoop {
       this.#armWake(); // closing the ring cancels the last one
       return;
     }
-    if (kind !== UD_KIND.TARGET_IO) unreachable(`store worker: completion kind ${kind}`);
     this.#inflight--;
-    if (udSub(userData) === SUB_GROW) this.#grown(res);
-    else this.#written(udTag(userData), res);
+    if (kind === UD_KIND.CTRL) this.#grown(res);
+    else if (kind === UD_KIND.TARGET_IO) {
+      this.#written(udTag(userData) | (udSub(userData) << 16), res);
+    } else unreachable(`store worker: completion kind ${kind}`);
   };
 
   #armWake(): void {
@@ -180,7 +186,7 @@ export class StoreLoop {
   /** One loaded chunk: an extent and a write, or a failure of its device's snapshot. */
   #store(d: number, n: number, buffer: number, bytes: number): void {
     const dev = this.#devs[d]!;
-    if (dev.ctl.error !== 0 || Atomics.load(this.#st.w, SW.STOP) !== 0) {
+    if (dev.ctl.error !== 0 || !dev.ctl.cowActive || Atomics.load(this.#st.w, SW.STOP) !== 0) {
       this.#fail(dev, n, CHUNK.IN_MEMORY, 0);
       return;
     }
@@ -194,6 +200,7 @@ export class StoreLoop {
         this.#deferred.push(d, n, buffer, bytes);
         return;
       }
+      this.#noSpace(sectors); // a block device, or the limit: raised once
       this.#fail(dev, n, CHUNK.IN_MEMORY, -ERRNO.ENOSPC);
       return;
     }
@@ -213,7 +220,7 @@ export class StoreLoop {
       dev.poolBase + buffer * dev.bufferBytes,
       bytes,
       filled * SECTOR,
-      packUserData(UD_KIND.TARGET_IO, slot, SUB_WRITE),
+      packUserData(UD_KIND.TARGET_IO, slot & 0xffff, slot >>> 16),
     );
     this.#inflight++;
   }
@@ -227,7 +234,7 @@ export class StoreLoop {
     if (ok) {
       dev.map.stored(n);
       dev.pool.release(buffer);
-      dev.ctl.count(CTL_F.STORED);
+      dev.ctl.f[CTL_F.STORED]!++;
       if (dev.ctl.waiters > 0) wakeAll(this.#waker, dev.ctl);
     } else {
       this.#fail(dev, n, CHUNK.STORING, res < 0 ? res : -ERRNO.EIO);
@@ -272,7 +279,7 @@ export class StoreLoop {
       size * SECTOR,
       0,
       capacity * SECTOR,
-      packUserData(UD_KIND.TARGET_IO, 0, SUB_GROW),
+      packUserData(UD_KIND.CTRL, 0),
     );
     this.#inflight++;
     return true;
@@ -281,7 +288,8 @@ export class StoreLoop {
   #grown(res: number): void {
     const st = this.#st;
     st.w[SW.GROWING] = 0;
-    if (res === 0) {
+    // A filesystem without fallocate (EOPNOTSUPP) still grows the file as it is written.
+    if (res === 0 || res === -ERRNO.EOPNOTSUPP) {
       st.f[SF.CAPACITY]! += this.#growthSectors;
       st.f[SF.GROWTHS]!++;
       if (st.f[SF.CAPACITY]! >= st.f[SF.LIMIT]!) this.#noSpace(0);

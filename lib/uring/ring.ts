@@ -140,10 +140,17 @@ export class Ring {
     return off;
   }
 
-  /** Like getSqe(), but a full SQ is a bug: callers size the ring for their worst case. */
+  /**
+   * Like getSqe(), but a full SQ is flushed to the kernel first (what
+   * liburing's callers do), so a burst larger than the ring still goes.
+   */
   sqe(): number {
-    const off = this.getSqe();
-    assert(off >= 0, "io_uring SQ overflow: ring sized too small");
+    let off = this.getSqe();
+    if (off < 0) {
+      this.submit();
+      off = this.getSqe();
+    }
+    assert(off >= 0, "io_uring SQ overflow: the kernel took no SQE");
     return off;
   }
 

@@ -12,6 +12,7 @@ import {
   assertNoUblkDevices,
   Cli,
   Loop,
+  MAIN,
   pseudoRandomBytes,
   run,
   sh,
@@ -183,3 +184,47 @@ async function sha256Bytes(data: Uint8Array): Promise<string> {
   const digest = await crypto.subtle.digest("SHA-256", new Uint8Array(data));
   return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
+
+vmTest("contrib/blksnap-image writes a coherent image of a busy device and cleans up", async () => {
+  const cli = new Cli("contrib");
+  const loop = await Loop.create(64);
+  const bin = "/tmp/contrib-bin";
+  const out = "/tmp/contrib-out";
+  await Deno.mkdir(bin, { recursive: true });
+  await Deno.mkdir(out, { recursive: true });
+  // the cron job runs `blksnap` from PATH: a wrapper around this checkout
+  await Deno.writeTextFile(
+    `${bin}/blksnap`,
+    `#!/bin/sh\nexec ${Deno.execPath()} run -A --quiet ${MAIN} "$@"\n`,
+  );
+  await Deno.chmod(`${bin}/blksnap`, 0o755);
+  try {
+    const tracked = await cli.ok("attach", "--device", loop.path);
+    await Deno.writeFile(tracked, pseudoRandomBytes(4242, 64 << 20));
+    await sh("sync");
+    const expected = await sha256(tracked);
+    const script = new URL("../../contrib/blksnap-image", import.meta.url).pathname;
+    const r = await run("sh", [script, loop.path, out], {
+      PATH: `${bin}:${Deno.env.get("PATH")}`,
+      BLKSNAP_SOCKET: cli.socket,
+      BLKSNAP_DIFF_DIR: "/tmp",
+      BLKSNAP_LIMIT: "64M",
+    });
+    assertEquals(r.code, 0, `blksnap-image failed:\n${r.stdout}${r.stderr}`);
+    const files = [...Deno.readDirSync(out)].map((e) => e.name).sort();
+    const img = files.find((f) => f.endsWith(".img"));
+    assert(img !== undefined, `no image in ${files.join(" ")}`);
+    assertEquals(await sha256(`${out}/${img}`), expected, "the image file is the device's content");
+    const cbtinfo = await Deno.readTextFile(`${out}/${img.replace(/\.img$/, ".cbtinfo")}`);
+    const blocks = Number(/block_count=(\d+)/.exec(cbtinfo)?.[1]);
+    assertEquals((await Deno.stat(`${out}/${img.replace(/\.img$/, ".cbt")}`)).size, blocks);
+    assertEquals(await cli.ok("snapshot_collect"), "", "the script destroyed its snapshot");
+    await cli.ok("detach", "--device", loop.path);
+    await cli.stopDaemon();
+    assertNoUblkDevices();
+  } finally {
+    await cli.stopDaemon().catch(() => {});
+    await loop.destroy();
+    await Deno.remove(out, { recursive: true }).catch(() => {});
+  }
+});

@@ -21,7 +21,7 @@ import { IORING_OP, SQE } from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
 import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
-import { bufferOf, CHUNK, ChunkMap } from "../../pipeline/chunk_map.ts";
+import { bufferOf, CHUNK } from "../../pipeline/chunk_map.ts";
 import {
   bufferReadValid,
   imageSource,
@@ -33,13 +33,14 @@ import {
   SRC_ORIGINAL,
   SRC_STORAGE,
 } from "../../pipeline/cow.ts";
-import { CTL, CTL_F, DeviceCtl } from "../../pipeline/device_ctl.ts";
+import { CTL, DeviceCtl } from "../../pipeline/device_ctl.ts";
 import { SpscRing } from "../../pipeline/spsc_ring.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { unreachable } from "../../assert.ts";
 import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "../target.ts";
 import type { TrackedShared } from "./tracked.ts";
 import { wakeAll, type Waker } from "./waker.ts";
+import { Parking, SnapshotView } from "./snapshot_view.ts";
 
 const MAX_PIECES = 32;
 const SECTOR = 512;
@@ -57,7 +58,6 @@ const FILE_STORAGE = 1;
 export class ImageTarget implements UblkTarget {
   readonly #ctl: DeviceCtl;
   readonly #cbt: CbtMap;
-  readonly #shared: TrackedShared;
   readonly #pool: BufferPool;
   readonly #ring: SpscRing;
   readonly #waker: Waker;
@@ -71,7 +71,6 @@ export class ImageTarget implements UblkTarget {
   readonly #pieces: Uint8Array;
   readonly #failed: Int32Array;
   readonly #redo: Float64Array;
-  readonly #parked: Uint8Array;
   readonly #pType: Uint8Array;
   readonly #pFirst: Float64Array;
   readonly #pLast: Float64Array;
@@ -80,17 +79,10 @@ export class ImageTarget implements UblkTarget {
   readonly #pTagOffset: Int32Array;
   readonly #pChunkOffset: Int32Array;
 
-  #epoch = -1;
-  #map: ChunkMap | null = null;
-  #chunkShift = 0;
-  #chunkBytes = 0;
-  #unitBytes = 0;
-  #poolBase = 0;
-  #poolWords: Int32Array | null = null;
-  #bufferBytes = 0;
+  readonly #view: SnapshotView;
+  readonly #parking: Parking;
 
   constructor(depth: number, shared: TrackedShared, waker: Waker) {
-    this.#shared = shared;
     this.#ctl = new DeviceCtl(shared.ctl);
     this.#cbt = CbtMap.fromShared(shared.cbt);
     this.#pool = new BufferPool(shared.pool);
@@ -105,7 +97,8 @@ export class ImageTarget implements UblkTarget {
     this.#pieces = new Uint8Array(depth);
     this.#failed = new Int32Array(depth);
     this.#redo = new Float64Array(depth);
-    this.#parked = new Uint8Array(depth);
+    this.#view = new SnapshotView(this.#ctl, shared.chunks, { poolWords: true });
+    this.#parking = new Parking(depth, this.#ctl);
     const p = depth * MAX_PIECES;
     this.#pType = new Uint8Array(p);
     this.#pFirst = new Float64Array(p);
@@ -123,17 +116,17 @@ export class ImageTarget implements UblkTarget {
     if (op !== UBLK_IO_OP.READ && op !== UBLK_IO_OP.WRITE) return -ERRNO.EOPNOTSUPP;
     const bytes = req.nrSectors * SECTOR;
     if (bytes > q.maxIoBufBytes) return -ERRNO.EINVAL;
-    if (this.#ctl.error !== 0 || !this.#viewSnapshot()) return -ERRNO.EIO;
+    if (this.#ctl.error !== 0 || !this.#view.current()) return -ERRNO.EIO;
     const start = req.startSector * SECTOR;
     this.#op[tag] = op;
     this.#start[tag] = start;
     this.#bytes[tag] = bytes;
-    this.#next[tag] = Math.floor(start / this.#chunkBytes);
-    this.#last[tag] = Math.floor((start + bytes - 1) / this.#chunkBytes);
+    this.#next[tag] = Math.floor(start / this.#view.chunkBytes);
+    this.#last[tag] = Math.floor((start + bytes - 1) / this.#view.chunkBytes);
     this.#failed[tag] = 0;
     this.#redo[tag] = -1;
     if (op === UBLK_IO_OP.WRITE) {
-      this.#ctl.count(CTL_F.IMAGE_WRITES);
+      this.#ctl.count(CTL.IMAGE_WRITES);
       try {
         this.#cbt.markBoth(req.startSector, req.nrSectors);
       } catch {
@@ -141,14 +134,14 @@ export class ImageTarget implements UblkTarget {
       }
       return this.#writeRound(q, tag);
     }
-    this.#ctl.count(CTL_F.IMAGE_READS);
+    this.#ctl.count(CTL.IMAGE_READS);
     return this.#readRound(q, tag);
   }
 
   onWake(q: QueueContext): void {
-    for (let tag = 0; tag < this.#parked.length; tag++) {
-      if (this.#parked[tag] === 0) continue;
-      this.#unpark(tag);
+    for (let tag = 0; tag < this.#parking.depth; tag++) {
+      if (!this.#parking.isParked(tag)) continue;
+      this.#parking.unpark(tag);
       const result = this.#op[tag] === UBLK_IO_OP.WRITE
         ? this.#writeRound(q, tag)
         : this.#readRound(q, tag);
@@ -163,7 +156,7 @@ export class ImageTarget implements UblkTarget {
     this.#pType[i] = P_NONE;
     this.#pieces[tag]!--;
     const ok = res === this.#pLength[i];
-    const map = this.#map!;
+    const map = this.#view.map!;
     if (type === P_ORIGINAL) {
       if (!ok) this.#failed[tag] = -ERRNO.EIO;
       else {
@@ -181,8 +174,8 @@ export class ImageTarget implements UblkTarget {
       if (ok) {
         // Lay the write over the old content, then hand the chunk on.
         copyWords(
-          this.#poolWords!,
-          buffer * this.#bufferBytes + this.#pChunkOffset[i]!,
+          this.#view.poolWords!,
+          buffer * this.#view.bufferBytes + this.#pChunkOffset[i]!,
           q.bufferWords,
           tag * q.maxIoBufBytes + this.#pTagOffset[i]!,
           this.#pieceCopyLength(tag, n),
@@ -199,7 +192,7 @@ export class ImageTarget implements UblkTarget {
     } else if (!ok) {
       this.#failed[tag] = -ERRNO.EIO;
     }
-    if (this.#pieces[tag]! > 0 || this.#parked[tag] !== 0) return PENDING;
+    if (this.#pieces[tag]! > 0 || this.#parking.isParked(tag)) return PENDING;
     if (this.#failed[tag] !== 0) return this.#failed[tag]!;
     if (this.#op[tag] === UBLK_IO_OP.WRITE) return this.#writeRound(q, tag);
     const redo = this.#redo[tag]!;
@@ -212,7 +205,7 @@ export class ImageTarget implements UblkTarget {
 
   #readRound(q: QueueContext, tag: number): number {
     if (this.#ctl.error !== 0) return this.#drainThenFail(tag);
-    const map = this.#map!;
+    const map = this.#view.map!;
     const last = this.#last[tag]!;
     let n = this.#next[tag]!;
     while (n <= last && this.#pieces[tag]! < MAX_PIECES) {
@@ -231,15 +224,15 @@ export class ImageTarget implements UblkTarget {
         copyWords(
           q.bufferWords,
           tag * q.maxIoBufBytes + (from - this.#start[tag]!),
-          this.#poolWords!,
-          bufferOf(word) * this.#bufferBytes + (from - n * this.#chunkBytes),
+          this.#view.poolWords!,
+          bufferOf(word) * this.#view.bufferBytes + (from - n * this.#view.chunkBytes),
           length,
         );
         if (bufferReadValid(map, n, word)) n++; // else: moved on meanwhile, look again
       } else if (src === SRC_STORAGE) {
         const from = this.#clipStart(tag, n);
         const length = this.#clipEnd(tag, n) - from;
-        const at = map.offset(n) * this.#unitBytes + (from - n * this.#chunkBytes);
+        const at = map.offset(n) * this.#view.unitBytes + (from - n * this.#view.chunkBytes);
         this.#piece(q, tag, P_STORAGE_READ, n, n, FILE_STORAGE, from, length, IORING_OP.READ, at);
         n++;
       } else {
@@ -259,29 +252,29 @@ export class ImageTarget implements UblkTarget {
 
   #writeRound(q: QueueContext, tag: number): number {
     if (this.#ctl.error !== 0) return this.#drainThenFail(tag);
-    const map = this.#map!;
+    const map = this.#view.map!;
     const last = this.#last[tag]!;
     let n = this.#next[tag]!;
     while (n <= last && this.#pieces[tag]! < MAX_PIECES) {
       let r = imageWriteChunk(map, this.#pool, n);
       if (r < 0 && r !== IW_STORAGE && r !== IW_FAILED) {
-        this.#park(tag);
+        this.#parking.park(tag);
         r = imageWriteChunk(map, this.#pool, n);
         if (r < 0 && r !== IW_STORAGE && r !== IW_FAILED) {
           this.#next[tag] = n;
           return PENDING;
         }
-        this.#unpark(tag);
+        this.#parking.unpark(tag);
       }
       const from = this.#clipStart(tag, n);
       const length = this.#clipEnd(tag, n) - from;
-      const inChunk = from - n * this.#chunkBytes;
+      const inChunk = from - n * this.#view.chunkBytes;
       if (r === IW_FAILED) {
         this.#failed[tag] = -ERRNO.EIO;
         break;
       }
       if (r === IW_STORAGE) {
-        const at = map.offset(n) * this.#unitBytes + inChunk;
+        const at = map.offset(n) * this.#view.unitBytes + inChunk;
         this.#piece(
           q,
           tag,
@@ -296,8 +289,8 @@ export class ImageTarget implements UblkTarget {
         );
       } else {
         // Claimed with buffer r: load the whole chunk's old content first.
-        const chunkStart = n * this.#chunkBytes;
-        const chunkLength = Math.min(this.#chunkBytes, this.#sizeBytes - chunkStart);
+        const chunkStart = n * this.#view.chunkBytes;
+        const chunkLength = Math.min(this.#view.chunkBytes, this.#sizeBytes - chunkStart);
         const i = this.#piece(
           q,
           tag,
@@ -309,7 +302,7 @@ export class ImageTarget implements UblkTarget {
           chunkLength,
           IORING_OP.READ,
           chunkStart,
-          this.#poolBase + r * this.#bufferBytes,
+          this.#view.poolBase + r * this.#view.bufferBytes,
         );
         this.#pBuffer[i] = r;
         this.#pChunkOffset[i] = inChunk;
@@ -371,50 +364,16 @@ export class ImageTarget implements UblkTarget {
   }
 
   #clipStart(tag: number, n: number): number {
-    return Math.max(this.#start[tag]!, n * this.#chunkBytes);
+    return Math.max(this.#start[tag]!, n * this.#view.chunkBytes);
   }
 
   #clipEnd(tag: number, n: number): number {
-    return Math.min(this.#start[tag]! + this.#bytes[tag]!, (n + 1) * this.#chunkBytes);
+    return Math.min(this.#start[tag]! + this.#bytes[tag]!, (n + 1) * this.#view.chunkBytes);
   }
 
   #drainThenFail(tag: number): number {
     this.#failed[tag] = -ERRNO.EIO;
     return this.#pieces[tag]! > 0 ? PENDING : -ERRNO.EIO;
-  }
-
-  #park(tag: number): void {
-    if (this.#parked[tag] !== 0) return;
-    this.#parked[tag] = 1;
-    this.#ctl.addParked(1);
-  }
-
-  #unpark(tag: number): void {
-    this.#parked[tag] = 0;
-    this.#ctl.addParked(-1);
-  }
-
-  #viewSnapshot(): boolean {
-    const epoch = this.#ctl.epoch;
-    if (epoch === this.#epoch) return this.#map !== null;
-    this.#epoch = epoch;
-    const w = this.#ctl.w;
-    const count = w[CTL.CHUNK_COUNT]!;
-    const address = this.#ctl.poolAddress;
-    if (!this.#ctl.cowActive || count <= 0 || address === 0) {
-      this.#map = null;
-      return false;
-    }
-    this.#map = new ChunkMap(this.#shared.chunks, count);
-    this.#chunkShift = w[CTL.CHUNK_SHIFT]!;
-    this.#chunkBytes = 2 ** this.#chunkShift;
-    this.#unitBytes = 2 ** w[CTL.UNIT_SHIFT]! * SECTOR;
-    this.#bufferBytes = w[CTL.BUFFER_BYTES]!;
-    this.#poolBase = address;
-    const ptr = Deno.UnsafePointer.create(BigInt(address));
-    const bytes = w[CTL.POOL_COUNT]! * this.#bufferBytes;
-    this.#poolWords = new Int32Array(Deno.UnsafePointerView.getArrayBuffer(ptr!, bytes));
-    return true;
   }
 }
 

@@ -28,15 +28,16 @@ import { IORING_OP, SQE } from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
 import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
-import { CHUNK, ChunkMap } from "../../pipeline/chunk_map.ts";
+import { CHUNK } from "../../pipeline/chunk_map.ts";
 import { COW_SAFE, cowChunk } from "../../pipeline/cow.ts";
-import { CTL, CTL_F, DeviceCtl } from "../../pipeline/device_ctl.ts";
+import { CTL, DeviceCtl } from "../../pipeline/device_ctl.ts";
 import { SpscRing } from "../../pipeline/spsc_ring.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { assert, unreachable } from "../../assert.ts";
 import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "../target.ts";
 import { PassthroughTarget } from "./passthrough.ts";
 import { wakeAll, Waker } from "./waker.ts";
+import { Parking, SnapshotView } from "./snapshot_view.ts";
 
 /**
  * The shared state of a tracked device, made at attach and handed to every
@@ -84,7 +85,6 @@ export class TrackedTarget implements UblkTarget {
   readonly #pass: PassthroughTarget;
   readonly #ctl: DeviceCtl;
   readonly #cbt: CbtMap;
-  readonly #shared: TrackedShared;
   readonly #pool: BufferPool;
   readonly #ring: SpscRing;
   readonly #waker: Waker;
@@ -92,7 +92,6 @@ export class TrackedTarget implements UblkTarget {
 
   // per tag
   readonly #phase: Uint8Array;
-  readonly #parked: Uint8Array;
   readonly #op: Uint8Array;
   readonly #flags: Int32Array;
   readonly #sector: Float64Array;
@@ -112,16 +111,11 @@ export class TrackedTarget implements UblkTarget {
     bufAddress: 0,
   };
 
-  // per take (epoch)
-  #epoch = -1;
-  #map: ChunkMap | null = null;
-  #chunkShift = 0;
-  #poolBase = 0;
-  #bufferBytes = 0;
+  readonly #view: SnapshotView;
+  readonly #parking: Parking;
 
   constructor(depth: number, shared: TrackedShared, waker: Waker) {
     this.#pass = new PassthroughTarget(depth);
-    this.#shared = shared;
     this.#ctl = new DeviceCtl(shared.ctl);
     this.#cbt = CbtMap.fromShared(shared.cbt);
     this.#pool = new BufferPool(shared.pool);
@@ -130,7 +124,8 @@ export class TrackedTarget implements UblkTarget {
     this.#waker = waker;
     this.#sizeBytes = shared.sizeBytes;
     this.#phase = new Uint8Array(depth);
-    this.#parked = new Uint8Array(depth);
+    this.#view = new SnapshotView(this.#ctl, shared.chunks, { poolWords: false });
+    this.#parking = new Parking(depth, this.#ctl);
     this.#op = new Uint8Array(depth);
     this.#flags = new Int32Array(depth);
     this.#sector = new Float64Array(depth);
@@ -169,8 +164,8 @@ export class TrackedTarget implements UblkTarget {
   onWake(q: QueueContext): void {
     const phase = this.#phase;
     for (let tag = 0; tag < phase.length; tag++) {
-      if (this.#parked[tag] === 0) continue;
-      this.#unpark(tag);
+      if (!this.#parking.isParked(tag)) continue;
+      this.#parking.unpark(tag);
       const result = phase[tag] === PHASE_GATE ? this.#admit(q, tag) : this.#cow(q, tag);
       if (result !== PENDING) q.complete(tag, result);
     }
@@ -179,15 +174,15 @@ export class TrackedTarget implements UblkTarget {
   #admit(q: QueueContext, tag: number): number {
     if (!this.#ctl.admit()) {
       this.#phase[tag] = PHASE_GATE;
-      this.#park(tag);
+      this.#parking.park(tag);
       return PENDING;
     }
     const sector = this.#sector[tag]!;
     const sectors = this.#sectors[tag]!;
     // Before the write is sent: a map may over-mark but never misses a write.
     this.#cbt.mark(sector, sectors);
-    if (this.#ctl.cowActive && this.#viewSnapshot()) {
-      const shift = this.#chunkShift;
+    if (this.#ctl.cowActive && this.#view.current()) {
+      const shift = this.#view.chunkShift;
       const startByte = sector * SECTOR;
       this.#next[tag] = Math.floor(startByte / 2 ** shift);
       this.#last[tag] = Math.floor((startByte + sectors * SECTOR - 1) / 2 ** shift);
@@ -199,7 +194,7 @@ export class TrackedTarget implements UblkTarget {
 
   /** Advances the tag's copy-on-write; submits the write once every chunk is safe. */
   #cow(q: QueueContext, tag: number): number {
-    const map = this.#map!;
+    const map = this.#view.map!;
     const base = tag * LOADS_PER_TAG;
     let n = this.#next[tag]!;
     const last = this.#last[tag]!;
@@ -212,14 +207,14 @@ export class TrackedTarget implements UblkTarget {
       if (r < 0 && r !== COW_SAFE) {
         // Announce the wait, then look once more: whoever moves the chunk or
         // frees a buffer reads WAITERS after doing so, so no wake-up is lost.
-        this.#park(tag);
+        this.#parking.park(tag);
         r = cowChunk(map, this.#pool, n);
         if (r < 0 && r !== COW_SAFE) {
           this.#next[tag] = n;
-          this.#ctl.count(CTL_F.PARKED);
+          this.#ctl.count(CTL.PARKED);
           return PENDING;
         }
-        this.#unpark(tag);
+        this.#parking.unpark(tag);
       }
       if (r === COW_SAFE) {
         n++;
@@ -228,8 +223,8 @@ export class TrackedTarget implements UblkTarget {
       // Claimed: read the old content into buffer r.
       let slot = 0;
       while (this.#loadBytes[base + slot] !== 0) slot++;
-      const offset = n * 2 ** this.#chunkShift;
-      const bytes = Math.min(2 ** this.#chunkShift, this.#sizeBytes - offset);
+      const offset = n * 2 ** this.#view.chunkShift;
+      const bytes = Math.min(2 ** this.#view.chunkShift, this.#sizeBytes - offset);
       this.#loadChunk[base + slot] = n;
       this.#loadBuffer[base + slot] = r;
       this.#loadBytes[base + slot] = bytes;
@@ -237,7 +232,7 @@ export class TrackedTarget implements UblkTarget {
       const sqe = q.ring.prepRw(
         IORING_OP.READ,
         q.targetFile(0),
-        this.#poolBase + r * this.#bufferBytes,
+        this.#view.poolBase + r * this.#view.bufferBytes,
         bytes,
         offset,
         packUserData(UD_KIND.TARGET_IO, tag, LOAD_SUB + slot),
@@ -259,10 +254,10 @@ export class TrackedTarget implements UblkTarget {
     if (bytes === 0) unreachable(`COW load completion for an empty slot ${slot} of tag ${tag}`);
     this.#loadBytes[i] = 0;
     this.#loads[tag]!--;
-    const map = this.#map!;
+    const map = this.#view.map!;
     if (res === bytes) {
       map.loaded(n);
-      this.#ctl.count(CTL_F.COW_LOADS);
+      this.#ctl.count(CTL.COW_LOADS);
       if (!this.#ring.push(n, buffer, bytes)) unreachable("store ring full");
       this.#waker.wake(this.#ctl.w[CTL.STORE_EFD]!);
     } else {
@@ -274,7 +269,7 @@ export class TrackedTarget implements UblkTarget {
     }
     // Parked writers of this chunk (on any queue) may go on now.
     if (this.#ctl.waiters > 0) wakeAll(this.#waker, this.#ctl);
-    if (this.#parked[tag] !== 0) return PENDING;
+    if (this.#parking.isParked(tag)) return PENDING;
     return this.#cow(q, tag);
   }
 
@@ -293,35 +288,5 @@ export class TrackedTarget implements UblkTarget {
       this.#ctl.finish();
     }
     return result;
-  }
-
-  #park(tag: number): void {
-    if (this.#parked[tag] !== 0) return;
-    this.#parked[tag] = 1;
-    this.#ctl.addParked(1);
-  }
-
-  #unpark(tag: number): void {
-    this.#parked[tag] = 0;
-    this.#ctl.addParked(-1);
-  }
-
-  /** Makes the views of the current take's memory; false when there is none. */
-  #viewSnapshot(): boolean {
-    const epoch = this.#ctl.epoch;
-    if (epoch === this.#epoch) return this.#map !== null;
-    this.#epoch = epoch;
-    const w = this.#ctl.w;
-    const count = w[CTL.CHUNK_COUNT]!;
-    const address = this.#ctl.poolAddress;
-    if (count <= 0 || address === 0) {
-      this.#map = null;
-      return false;
-    }
-    this.#map = new ChunkMap(this.#shared.chunks, count);
-    this.#chunkShift = w[CTL.CHUNK_SHIFT]!;
-    this.#bufferBytes = w[CTL.BUFFER_BYTES]!;
-    this.#poolBase = address;
-    return true;
   }
 }
