@@ -5,7 +5,8 @@
 #   - Debian's 6.12 cloud kernel (vmlinuz + modules) for the test VM
 #   - QEMU from bookworm-backports (bookworm's QEMU 7.2 randomly corrupts
 #     memory of this kernel under TCG: ~1 boot in 10 oopses in SLUB)
-#   - the host Debian packages needed to build and boot the VM (and QEMU's libs)
+#   - the host Debian packages needed to build and boot the VM (and QEMU's libs),
+#     with gcc and liburing-dev for the benchmark's C reference ublk server
 #   - deno, pinned, from the npm package `deno`
 # and writes $CACHE/env.sh for tools/vm.sh (and humans) to source.
 #
@@ -24,6 +25,7 @@ BOOKWORM_BUILD='~bpo12'
 HOST_PACKAGES=(
   busybox-static cpio liburing2 e2fsprogs util-linux mount fdisk fio dmsetup
   xz-utils kmod ca-certificates git debian-archive-keyring dash bash
+  gcc libc6-dev liburing-dev
 )
 LISTS_MAX_AGE_S=$((24 * 3600))
 

@@ -251,7 +251,7 @@ Prints, on an event:
   event=corrupted | no_space
 then for corrupted:
   device=MAJ:MIN              the original whose image failed
-  error_code=N                the negative errno
+  error_code=N                the errno, positive as the module sends it
 or for no_space:
   requested_nr_sect=N         the size, in sectors, the storage could not grow to
 and only "result=timeout" when the time ran out. A snapshot that does not exist

@@ -47,6 +47,8 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
     info = Deno.statSync(path);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) {
+      const byNumber = viaSysfs(path);
+      if (byNumber) return byNumber;
       throw new BlksnapError("ENOENT", `Cannot ${verb} "${path}": no such file or directory`);
     }
     if (err instanceof Deno.errors.PermissionDenied) {
@@ -67,6 +69,24 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
   }
   const n = splitDevT(info.rdev ?? 0);
   return { path, ...n, key: deviceKey(n) };
+}
+
+/**
+ * `/dev/block/MAJ:MIN` without the link (no udev: devices made after boot in
+ * a minimal system) names the device through sysfs: its node is /dev/DEVNAME.
+ */
+function viaSysfs(path: string): BlockDeviceId | undefined {
+  const m = /^\/dev\/block\/(\d+):(\d+)$/.exec(path);
+  if (!m) return undefined;
+  const n = { major: Number(m[1]), minor: Number(m[2]) };
+  try {
+    const uevent = Deno.readTextFileSync(`/sys/dev/block/${n.major}:${n.minor}/uevent`);
+    const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
+    if (!name || !Deno.statSync(`/dev/${name}`).isBlockDevice) return undefined;
+    return { path: `/dev/${name}`, ...n, key: deviceKey(n) };
+  } catch {
+    return undefined;
+  }
 }
 
 function readSysfsNumber(n: DeviceNumber, attr: string): number {

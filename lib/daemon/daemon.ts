@@ -19,7 +19,7 @@ import {
   splitDevT,
   ublkParams,
 } from "./block_device.ts";
-import { type ArgsOf, PROTOCOL_VERSION, type SectorRange } from "./protocol.ts";
+import { type ArgsOf, PROTOCOL_VERSION, type SectorRange, type TrackedInfo } from "./protocol.ts";
 import { BlksnapError, ERRNO } from "../engine/errors.ts";
 import { DevicePipe } from "./pipe.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
@@ -38,21 +38,6 @@ export const DEFAULT_DAEMON_OPTIONS: Omit<DaemonOptions, "socketPath" | "params"
   queueDepth: 128,
   maxIoBufBytes: 512 * 1024,
 };
-
-export interface TrackedInfo {
-  original: string;
-  originalDevice: string;
-  tracked: string;
-  trackedDevice: string;
-  ublkId: number;
-  sizeBytes: number;
-  logicalBlockSize: number;
-  physicalBlockSize: number;
-  queues: number;
-  queueDepth: number;
-  userRecovery: boolean;
-  attachedAt: string;
-}
 
 interface Tracked extends SnapshotDevice {
   info: TrackedInfo;
@@ -86,6 +71,9 @@ export class Daemon {
       queueDepth: options.queueDepth,
       maxIoBufBytes: options.maxIoBufBytes,
       device: (path, verb, attach) => this.#deviceFor(path, verb, attach),
+      release: async (d) => {
+        await this.detach((d as Tracked).info.tracked);
+      },
       log,
     });
   }
@@ -103,14 +91,18 @@ export class Daemon {
     return t;
   }
 
-  async #deviceFor(path: string, verb: string, attach: boolean): Promise<Tracked> {
+  async #deviceFor(
+    path: string,
+    verb: string,
+    attach: boolean,
+  ): Promise<{ device: Tracked; attached: boolean }> {
     const id = identifyBlockDevice(path, verb);
     const t = this.#find(id);
-    if (t && !t.detaching) return t;
-    if (!attach) return this.tracked(path, verb);
+    if (t && !t.detaching) return { device: t, attached: false };
+    if (!attach) return { device: this.tracked(path, verb), attached: false };
     log(`${path} is not tracked: attaching it to ${verb}`);
     await this.attach(path);
-    return this.tracked(path, verb);
+    return { device: this.tracked(path, verb), attached: true };
   }
 
   cbtInfo(path: string) {

@@ -252,7 +252,7 @@ export type WaitEventResult =
     code: 0;
     /** MAJ:MIN of the original. */
     device: string;
-    /** Negative errno. */
+    /** The errno, positive as the module's event carries it (snapshot_info's is negative). */
     errorCode: number;
   }
   | {

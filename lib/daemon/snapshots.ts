@@ -54,8 +54,17 @@ export interface SnapshotHost {
   queues: number;
   queueDepth: number;
   maxIoBufBytes: number;
-  /** The tracked device for a path, attaching it when `attach` and it is not tracked. */
-  device(path: string, verb: string, attach: boolean): Promise<SnapshotDevice>;
+  /**
+   * The tracked device for a path, attaching it when `attach` and it is not
+   * tracked (then `attached` is true, and a failure must `release` it).
+   */
+  device(
+    path: string,
+    verb: string,
+    attach: boolean,
+  ): Promise<{ device: SnapshotDevice; attached: boolean }>;
+  /** Detaches a device this request attached, when the request fails. */
+  release(device: SnapshotDevice): Promise<void>;
   log(message: string): void;
 }
 
@@ -117,21 +126,31 @@ export class Snapshots {
     }
     const limitSectors = Math.floor(args.limitBytes / 512);
     if (limitSectors < 1) throw new BlksnapError("EINVAL", "The limit is less than one sector");
-    // Devices first (nothing opened yet), then the storage.
-    const devices: SnapshotDevice[] = [];
-    for (const path of args.devices) {
-      const d = await this.#host.device(path, "add to a snapshot", true);
-      this.#checkFree(d, path);
-      if (devices.includes(d)) {
-        throw new BlksnapError("EALREADY", `"${path}" is given twice`);
-      }
-      devices.push(d);
-    }
+    // The storage first (a bad path fails before anything is attached), then
+    // the devices; a failure detaches what this request attached.
     const storage = openStorage(this.#host.libc, args.storage, args.clientPid);
+    const devices: SnapshotDevice[] = [];
+    const attached: SnapshotDevice[] = [];
     try {
-      for (const d of devices) this.#checkStorage(storage, d);
+      for (const path of args.devices) {
+        const { device: d, attached: fresh } = await this.#host.device(
+          path,
+          "add to a snapshot",
+          true,
+        );
+        if (fresh) attached.push(d);
+        if (devices.includes(d)) {
+          throw new BlksnapError("EALREADY", `"${path}" is given twice`);
+        }
+        this.#checkFree(d, path);
+        this.#checkStorage(storage, d);
+        devices.push(d);
+      }
     } catch (err) {
       this.#host.libc.close(storage.fd);
+      for (const d of attached) {
+        await this.#host.release(d).catch((e) => this.#host.log(`undoing attach failed: ${e}`));
+      }
       throw err;
     }
     const id = crypto.randomUUID();
@@ -170,15 +189,18 @@ export class Snapshots {
       if (snap.takenAt !== null) {
         throw new BlksnapError("EBUSY", `Snapshot ${id} is already taken: no device can join it`);
       }
-      const tracked = snap.devices.length;
-      const d = await this.#host.device(path, "add to a snapshot", true);
-      if (snap.devices.includes(d)) {
-        throw new BlksnapError("EALREADY", `"${path}" is already in snapshot ${id}`);
-      }
-      this.#checkFree(d, path);
-      this.#checkStorage(snap.storage, d);
-      if (snap.destroyed || snap.devices.length !== tracked) {
-        throw new BlksnapError("ESRCH", `Snapshot ${id} changed meanwhile`);
+      const { device: d, attached } = await this.#host.device(path, "add to a snapshot", true);
+      try {
+        if (snap.devices.includes(d)) {
+          throw new BlksnapError("EALREADY", `"${path}" is already in snapshot ${id}`);
+        }
+        this.#checkFree(d, path);
+        this.#checkStorage(snap.storage, d);
+      } catch (err) {
+        if (attached) {
+          await this.#host.release(d).catch((e) => this.#host.log(`undoing attach failed: ${e}`));
+        }
+        throw err;
       }
       snap.devices.push(d);
       d.snapshotId = id;
@@ -338,10 +360,14 @@ export class Snapshots {
       unitShift,
     });
     snap.storeWakeFd = libc.check(libc.sym.eventfd(0, EFD_CLOEXEC), "eventfd");
+    snap.storageCtl = st;
     const warnings: string[] = [];
     let armed = false;
     try {
-      // 1. every device arms copy-on-write at one instant, with writes drained.
+      // 1. the store worker, which allocates the storage's first portion now,
+      // not under the first copies after the take
+      await this.#startStore(snap, st);
+      // 2. every device arms copy-on-write at one instant, with writes drained.
       // Nothing is logged while filesystems are frozen: the log may be on one.
       const frozen = freezeAll(
         libc,
@@ -390,9 +416,7 @@ export class Snapshots {
         for (const m of warnings) host.log(m);
       }
       snap.takenAt = new Date().toISOString();
-      snap.storageCtl = st;
-      // 2. the store worker, then the images (the devices already copy on write)
-      await this.#startStore(snap, st);
+      // 3. the images (the devices already copy on write)
       for (const d of snap.devices) {
         d.pipe.setImageQueues(true);
         const device = await UblkDevice.create(host.ctrl, libc, {
@@ -430,6 +454,9 @@ export class Snapshots {
         host.log(`take of ${snap.id} failed, undoing it: ${err}`);
         await this.#teardown(snap).catch((e) => host.log(`undoing the take failed: ${e}`));
       } else {
+        await this.#stopStore(snap).catch((e) =>
+          host.log(`stopping the store worker failed: ${e}`)
+        );
         libc.close(snap.storeWakeFd);
         snap.storeWakeFd = -1;
       }
@@ -573,21 +600,11 @@ export class Snapshots {
           host.log(`writes to ${d.tracked} did not drain: its snapshot memory is leaked`);
         }
       });
-      if (snap.store !== null && snap.storageCtl !== null) {
-        Atomics.store(snap.storageCtl.w, SW.STOP, 1);
-        this.#waker.wake(snap.storeWakeFd);
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        const exited = await Promise.race([
-          snap.storeExited!.then(() => true),
-          new Promise<boolean>((r) => (timer = setTimeout(() => r(false), STORE_TIMEOUT_MS))),
-        ]);
-        clearTimeout(timer);
-        snap.store.terminate();
-        snap.store = null;
-        if (!exited) {
-          errors.push(new BlksnapError("ETIMEDOUT", "The store worker did not stop"));
-          drained.fill(false); // it may still write from the pool
-        }
+      try {
+        await this.#stopStore(snap);
+      } catch (err) {
+        errors.push(err);
+        drained.fill(false); // it may still write from the pool
       }
       armed.forEach((d, i) => d.pipe.disarm(drained[i]!));
     } finally {
@@ -630,6 +647,22 @@ export class Snapshots {
         d.pipe.wakeAll();
       }
     }
+  }
+
+  /** Stops the store worker once its rings are empty; throws when it does not stop. */
+  async #stopStore(snap: Snapshot): Promise<void> {
+    if (snap.store === null || snap.storageCtl === null) return;
+    Atomics.store(snap.storageCtl.w, SW.STOP, 1);
+    this.#waker.wake(snap.storeWakeFd);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const exited = await Promise.race([
+      snap.storeExited!.then(() => true),
+      new Promise<boolean>((r) => (timer = setTimeout(() => r(false), STORE_TIMEOUT_MS))),
+    ]);
+    clearTimeout(timer);
+    snap.store.terminate();
+    snap.store = null;
+    if (!exited) throw new BlksnapError("ETIMEDOUT", "The store worker did not stop");
   }
 
   /** Turns what the workers flagged in shared memory into events; watches for stalls. */

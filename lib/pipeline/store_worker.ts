@@ -53,6 +53,8 @@ export type StoreWorkerReport =
   | { type: "fatal"; message: string };
 
 const SECTOR = 512;
+/** Sectors allocated by one fallocate of a growth (16 MiB: tmpfs holds the file for a whole call). */
+const GROW_STEP_SECTORS = 32768;
 /** A write's slot rides in the tag (16 bits) and sub-index (7 bits) of its user_data. */
 const MAX_SLOTS = 1 << 23;
 
@@ -61,8 +63,6 @@ interface Dev {
   map: ChunkMap;
   pool: BufferPool;
   rings: SpscRing[];
-  poolBase: number;
-  bufferBytes: number;
 }
 
 export class StoreLoop {
@@ -84,7 +84,9 @@ export class StoreLoop {
   readonly #deferred: number[] = [];
   readonly #rec = new Float64Array(3);
   #inflight = 0;
+  /** The step of the growth under way, and the capacity the growth aims at. */
   #growthSectors = 0;
+  #growthTarget = 0;
 
   constructor(init: StoreWorkerInit) {
     const libc = openLibc();
@@ -104,8 +106,6 @@ export class StoreLoop {
         map: new ChunkMap(d.chunks, ctl.w[CTL.CHUNK_COUNT]!),
         pool: new BufferPool(d.pool),
         rings: d.rings.map((r) => new SpscRing(r)),
-        poolBase: ctl.poolAddress,
-        bufferBytes: ctl.w[CTL.BUFFER_BYTES]!,
       };
     });
     const slots = this.#devs.reduce((a, d) => a + d.pool.count, 0);
@@ -217,7 +217,8 @@ export class StoreLoop {
     this.#ring.prepRw(
       IORING_OP.WRITE,
       this.#fd,
-      dev.poolBase + buffer * dev.bufferBytes,
+      // the pool is mapped at the take, after this worker started
+      dev.ctl.poolAddress + buffer * dev.ctl.w[CTL.BUFFER_BYTES]!,
       bytes,
       filled * SECTOR,
       packUserData(UD_KIND.TARGET_IO, slot & 0xffff, slot >>> 16),
@@ -252,7 +253,10 @@ export class StoreLoop {
 
   /**
    * Starts a growth when what is left is under half a portion (or under
-   * `needSectors`). Returns whether a growth is (now) under way.
+   * `needSectors`). Returns whether a growth is (now) under way. A portion
+   * is allocated in steps of GROW_STEP_SECTORS: a filesystem holds the
+   * file's lock through one fallocate, and stores must not wait for a whole
+   * portion (a gigabyte by default) behind it.
    */
   #startGrowth(needSectors: number): boolean {
     const st = this.#st;
@@ -269,41 +273,66 @@ export class StoreLoop {
       this.#noSpace(needSectors);
       return false;
     }
-    this.#growthSectors = size;
     w[SW.GROWING] = 1;
-    f[SF.REQUESTED] = capacity + size;
+    this.#growthTarget = capacity + size;
+    f[SF.REQUESTED] = this.#growthTarget;
+    this.#growStep();
+    return true;
+  }
+
+  #growStep(): void {
+    const capacity = this.#st.f[SF.CAPACITY]!;
+    const step = Math.min(GROW_STEP_SECTORS, this.#growthTarget - capacity);
+    this.#growthSectors = step;
     // fallocate SQE: off = offset, addr = length, len = mode (0: allocate and extend)
     this.#ring.prepRw(
       IORING_OP.FALLOCATE,
       this.#fd,
-      size * SECTOR,
+      step * SECTOR,
       0,
       capacity * SECTOR,
       packUserData(UD_KIND.CTRL, 0),
     );
     this.#inflight++;
-    return true;
   }
 
   #grown(res: number): void {
     const st = this.#st;
-    st.w[SW.GROWING] = 0;
     // A filesystem without fallocate (EOPNOTSUPP) still grows the file as it is written.
     if (res === 0 || res === -ERRNO.EOPNOTSUPP) {
       st.f[SF.CAPACITY]! += this.#growthSectors;
+      if (st.f[SF.CAPACITY]! < this.#growthTarget) {
+        this.#growStep();
+        return;
+      }
+      st.w[SW.GROWING] = 0;
       st.f[SF.GROWTHS]!++;
-      if (st.f[SF.CAPACITY]! >= st.f[SF.LIMIT]!) this.#noSpace(0);
+      // At the limit: the next portion is what it could not grow by.
+      if (st.f[SF.CAPACITY]! >= st.f[SF.LIMIT]!) this.#noSpace(st.f[SF.GROWTH]!);
     } else {
       console.error(`blksnap: growing the difference storage failed (${res})`);
+      st.w[SW.GROWING] = 0;
       st.w[SW.CANNOT_GROW] = 1;
       st.f[SF.REQUESTED] = st.f[SF.CAPACITY]!;
-      this.#noSpace(this.#growthSectors);
+      this.#noSpace(this.#growthTarget - st.f[SF.CAPACITY]!);
     }
     st.bumpEvents();
     // Whatever waited for the growth goes again (or overflows now).
     const waiting = this.#deferred.splice(0);
     for (let i = 0; i < waiting.length; i += 4) {
       this.#store(waiting[i]!, waiting[i + 1]!, waiting[i + 2]!, waiting[i + 3]!);
+    }
+  }
+
+  /**
+   * Before the take: the first portion is allocated now, so that the first
+   * copies after the take do not wait for it.
+   */
+  prepare(): void {
+    if (!this.#startGrowth(0)) return;
+    while (Atomics.load(this.#st.w, SW.GROWING) !== 0) {
+      this.#ring.submitAndWait(1);
+      this.#ring.drain(this.#onCqe);
     }
   }
 
@@ -331,6 +360,7 @@ export function runStoreWorker(self: Worker): void {
     const post = (r: StoreWorkerReport) => self.postMessage(r);
     try {
       const loop = new StoreLoop(ev.data);
+      loop.prepare();
       post({ type: "ready" });
       loop.run();
       post({ type: "exited" });

@@ -136,7 +136,9 @@ export class Ring {
     if (((next - Atomics.load(this.#sqKhead, 0)) >>> 0) > this.sqEntries) return -1;
     s[RING.sq.sqeTail / 4] = next;
     const off = (tail & this.#sqMask) * this.sqeSize;
-    this.sqeU8.fill(0, off, off + this.sqeSize);
+    // A loop of word stores is several times faster than fill() for 64 bytes.
+    const u32 = this.sqeU32;
+    for (let i = off >> 2, end = (off + this.sqeSize) >> 2; i < end; i++) u32[i] = 0;
     return off;
   }
 

@@ -4,6 +4,8 @@
  * checksum. Everything here talks to the real kernel.
  */
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
+import { Client } from "../../lib/daemon/client.ts";
+import type { Request } from "../../lib/daemon/protocol.ts";
 
 export const IN_VM = Deno.env.get("BLKSNAP_IN_VM") === "1";
 const ROOT = new URL("../../", import.meta.url).pathname;
@@ -166,4 +168,168 @@ export function assertNoUblkDevices(): void {
 /** Deno.test options for VM tests: outside the VM they are reported as ignored. */
 export function vmTest(name: string, fn: () => Promise<void>): void {
   Deno.test({ name, ignore: !IN_VM, sanitizeOps: false, sanitizeResources: false, fn });
+}
+
+/** A Cli whose commands also get `env`, e.g. BLKSNAP_DAEMON_ARGS for the daemon they start. */
+export class EnvCli extends Cli {
+  readonly env: Record<string, string>;
+  constructor(name: string, env: Record<string, string>) {
+    super(name);
+    this.env = env;
+  }
+
+  override run(...args: string[]): Promise<Result> {
+    return run(Deno.execPath(), ["run", "-A", "--quiet", MAIN, ...args], {
+      ...this.env,
+      BLKSNAP_SOCKET: this.socket,
+    });
+  }
+}
+
+/** The log of the daemon a CLI autostarted (`daemon.log` beside the socket), or "". */
+export function daemonLog(cli: Cli): string {
+  const dir = cli.socket.slice(0, cli.socket.lastIndexOf("/"));
+  try {
+    return Deno.readTextFileSync(`${dir}/daemon.log`);
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * Runs `fn`; when it throws, prints the last `lines` lines of the daemon's log
+ * (so that they show in the VM output) and rethrows.
+ */
+export async function withDaemonLog<T>(cli: Cli, fn: () => Promise<T>, lines = 80): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    const log = daemonLog(cli).trimEnd().split("\n").slice(-lines).join("\n");
+    console.error(`---- daemon log (${cli.socket}), last ${lines} lines ----\n${log}\n----`);
+    throw err;
+  }
+}
+
+/** sha256 of bytes, as hex. */
+export async function sha256Of(data: Uint8Array): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new Uint8Array(data));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Reads `count` blocks of `bs` bytes at block `skip` of a device with dd
+ * (O_DIRECT); returns the bytes, or throws with dd's message when it fails.
+ */
+export async function ddRead(
+  path: string,
+  bs: number,
+  skip: number,
+  count: number,
+): Promise<Uint8Array> {
+  const out = await new Deno.Command("dd", {
+    args: [
+      `if=${path}`,
+      `bs=${bs}`,
+      `skip=${skip}`,
+      `count=${count}`,
+      "iflag=direct",
+      "status=none",
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (out.code !== 0) {
+    throw new Error(`dd if=${path} exited ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
+  }
+  return out.stdout;
+}
+
+/** Writes `data` at byte `offset` of a device with dd (O_DIRECT, conv=notrunc). */
+export async function ddWrite(path: string, data: Uint8Array, offset: number): Promise<void> {
+  const bs = 65536;
+  if (offset % bs !== 0 || data.length % bs !== 0) {
+    throw new Error("ddWrite: offset and length must be multiples of 64 KiB");
+  }
+  const src = await Deno.makeTempFile({ suffix: ".dd" });
+  try {
+    await Deno.writeFile(src, data);
+    await sh(
+      "dd",
+      `if=${src}`,
+      `of=${path}`,
+      `bs=${bs}`,
+      `seek=${offset / bs}`,
+      "oflag=direct",
+      "conv=notrunc",
+      "status=none",
+    );
+  } finally {
+    await Deno.remove(src).catch(() => {});
+  }
+}
+
+/** `length` bytes from the kernel's random generator. */
+export function randomBytes(length: number): Uint8Array {
+  const out = new Uint8Array(length);
+  for (let off = 0; off < length; off += 65536) {
+    crypto.getRandomValues(out.subarray(off, Math.min(length, off + 65536)));
+  }
+  return out;
+}
+
+/** The sha256 of each `blockBytes` block of `data`. */
+export async function blockSums(data: Uint8Array, blockBytes: number): Promise<string[]> {
+  const sums: string[] = [];
+  for (let off = 0; off < data.length; off += blockBytes) {
+    sums.push(await sha256Of(data.subarray(off, off + blockBytes)));
+  }
+  return sums;
+}
+
+/** Indices where two lists of block sums differ (a length difference counts from the shorter). */
+export function differingBlocks(got: string[], want: string[]): number[] {
+  const out: number[] = [];
+  for (let i = 0; i < Math.max(got.length, want.length); i++) {
+    if (got[i] !== want[i]) out.push(i);
+  }
+  return out;
+}
+
+/**
+ * One request straight to a CLI's daemon over its socket (fast: no CLI process),
+ * e.g. `daemonRequest(cli, "status", {})`.
+ */
+export async function daemonRequest<T = unknown, R extends Request = Request>(
+  cli: Cli,
+  op: R["op"],
+  args: R["args"],
+): Promise<T> {
+  const client = await Client.connect(cli.socket);
+  try {
+    return await client.request<R>(op, args) as T;
+  } finally {
+    client.close();
+  }
+}
+
+/**
+ * A stopwatch for a test's steps: `lap("what")` prints the time since the
+ * previous lap when BLKSNAP_TEST_TIMING=1 (tools/vm.sh forwards it into the VM).
+ */
+export function stopwatch(name: string): (what: string) => void {
+  const on = Deno.env.get("BLKSNAP_TEST_TIMING") === "1";
+  const t0 = performance.now();
+  let last = t0;
+  return (what) => {
+    const now = performance.now();
+    if (on) {
+      console.log(
+        `[${name}] ${what}: ${((now - last) / 1000).toFixed(1)} s (total ${
+          ((now - t0) / 1000).toFixed(1)
+        } s)`,
+      );
+    }
+    last = now;
+  };
 }

@@ -6,8 +6,12 @@
 # libraries, liburing, e2fsprogs, util-linux tools, fio, dmsetup, dash (as
 # /bin/sh) and bash, the kernel modules the tests need (decompressed, with their
 # dependencies, load order in /etc/blksnap/modules), /init and the uevent
-# helper.  The project tree and the command to run are NOT in it: tools/vm.sh
-# appends a small per-run cpio for those.
+# helper, and /usr/local/bin/ublk-ref: the minimal C ublk passthrough server
+# (../shared/tools/ublk-ref/ublk-ref.c, the benchmark's yardstick) built here
+# with gcc, liburing linked statically when liburing.a is there (without gcc,
+# liburing-dev or the source the base is built without it, with a warning).
+# The project tree and the command to run are NOT in it: tools/vm.sh appends a
+# small per-run cpio for those.
 #
 # It is cached under $BLKSNAP_CACHE/initramfs/ keyed by a hash of everything
 # that goes in (kernel, deno, host package versions, this script, init,
@@ -17,6 +21,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+UBLK_REF_SRC=${BLKSNAP_UBLK_REF_SRC:-$ROOT/../shared/tools/ublk-ref/ublk-ref.c}
 : "${BLKSNAP_CACHE:?source env.sh first}" "${DENO:?}" "${KERNEL_MODDIR:?}" "${KERNEL_RELEASE:?}"
 
 # Kernel modules to load at boot (dependencies are added automatically).
@@ -33,7 +39,8 @@ PROGRAMS=(
   dash bash
 )
 # Host packages whose version is part of the cache key.
-KEY_PACKAGES=(busybox-static fio e2fsprogs util-linux mount fdisk dmsetup liburing2 libc6 coreutils dash bash)
+KEY_PACKAGES=(busybox-static fio e2fsprogs util-linux mount fdisk dmsetup liburing2 libc6 coreutils dash bash
+  gcc liburing-dev libc6-dev)
 LIBURING=/usr/lib/x86_64-linux-gnu/liburing.so.2
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -49,6 +56,7 @@ cache_key() {
     dpkg-query -W "${KEY_PACKAGES[@]}" 2>/dev/null || true
     echo "modules ${MODULES[*]}"
     sha256sum "$HERE/build-base.sh" "$HERE/init" "$HERE/hotplug" | cut -d' ' -f1
+    if [[ -f $UBLK_REF_SRC ]]; then sha256sum <"$UBLK_REF_SRC" | cut -d' ' -f1; else echo "no ublk-ref"; fi
   } | sha256sum | cut -c1-16
 }
 
@@ -123,6 +131,29 @@ stage_modules() {
   done
 }
 
+# The C reference ublk server, for the benchmark; optional (a warning when it cannot be built).
+stage_ublk_ref() {
+  local dst=$STAGE/usr/local/bin/ublk-ref uring=(-luring) a=/usr/lib/x86_64-linux-gnu/liburing.a
+  if [[ ! -f $UBLK_REF_SRC ]]; then
+    log "warning: $UBLK_REF_SRC not found; the VM has no ublk-ref"
+    return 0
+  fi
+  if ! command -v gcc >/dev/null; then
+    log "warning: no gcc; the VM has no ublk-ref (apt-get install gcc liburing-dev)"
+    return 0
+  fi
+  # Static liburing: the guest then needs only libc, whatever liburing.so it has.
+  [[ -f $a ]] && uring=(-Wl,-Bstatic -luring -Wl,-Bdynamic)
+  if gcc -O2 -w -o "$dst" "$UBLK_REF_SRC" "${uring[@]}" -lpthread 2>"$STAGE/ublk-ref.log"; then
+    stage_binary "$dst" /usr/local/bin/ublk-ref
+  else
+    log "warning: building ublk-ref failed (apt-get install gcc liburing-dev?):"
+    sed 's/^/  | /' "$STAGE/ublk-ref.log" | head -n 20 >&2
+    rm -f "$dst"
+  fi
+  rm -f "$STAGE/ublk-ref.log"
+}
+
 stage_busybox() {
   local applet
   stage_file /bin/busybox /usr/bin/busybox
@@ -175,6 +206,7 @@ build() {
   # /bin/sh must not be busybox: Debian's busybox sh prefers its own applets
   # over $PATH, so `sh -c "losetup --show ..."` would get busybox's losetup.
   ln -s dash "$STAGE/usr/bin/sh"
+  stage_ublk_ref
   stage_busybox
   stage_etc
   stage_modules
