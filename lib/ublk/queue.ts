@@ -27,7 +27,13 @@ import {
 import { addressOf, Ring } from "../uring/ring.ts";
 import { packUserData, UD_KIND, udKind, udSub, udTag } from "../uring/user_data.ts";
 import { assert, unreachable } from "../assert.ts";
-import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "./target.ts";
+import {
+  type IoRequest,
+  newIoRequest,
+  PENDING,
+  type QueueContext,
+  type UblkTarget,
+} from "./target.ts";
 
 export interface QueueOptions {
   devId: number;
@@ -104,14 +110,7 @@ export class UblkQueue implements QueueContext {
   readonly bufferWords: Int32Array;
   readonly #tagState: Uint8Array;
   readonly #stats: Float64Array;
-  readonly #req: IoRequest = {
-    tag: 0,
-    op: 0,
-    flags: 0,
-    startSector: 0,
-    nrSectors: 0,
-    bufAddress: 0,
-  };
+  readonly #req: IoRequest = newIoRequest();
   readonly #fetchOp: number;
   readonly #commitOp: number;
   #ended = 0;

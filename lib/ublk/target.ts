@@ -25,6 +25,11 @@ export interface IoRequest {
   bufAddress: number;
 }
 
+/** A request object to reuse for every request (the hot path builds none). */
+export function newIoRequest(): IoRequest {
+  return { tag: 0, op: 0, flags: 0, startSector: 0, nrSectors: 0, bufAddress: 0 };
+}
+
 export interface QueueContext {
   readonly ring: Ring;
   readonly qId: number;

@@ -34,7 +34,13 @@ import { CTL, DeviceCtl } from "../../pipeline/device_ctl.ts";
 import { SpscRing } from "../../pipeline/spsc_ring.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { assert, unreachable } from "../../assert.ts";
-import { type IoRequest, PENDING, type QueueContext, type UblkTarget } from "../target.ts";
+import {
+  type IoRequest,
+  newIoRequest,
+  PENDING,
+  type QueueContext,
+  type UblkTarget,
+} from "../target.ts";
 import { PassthroughTarget } from "./passthrough.ts";
 import { wakeAll, Waker } from "./waker.ts";
 import { Parking, SnapshotView } from "./snapshot_view.ts";
@@ -102,14 +108,7 @@ export class TrackedTarget implements UblkTarget {
   readonly #loadChunk: Float64Array;
   readonly #loadBuffer: Int32Array;
   readonly #loadBytes: Int32Array;
-  readonly #req: IoRequest = {
-    tag: 0,
-    op: 0,
-    flags: 0,
-    startSector: 0,
-    nrSectors: 0,
-    bufAddress: 0,
-  };
+  readonly #req: IoRequest = newIoRequest();
 
   readonly #view: SnapshotView;
   readonly #parking: Parking;
