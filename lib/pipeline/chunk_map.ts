@@ -51,21 +51,11 @@
  * @module
  */
 import { assert, unreachable } from "../assert.ts";
+import { ChunkState, chunkStateName } from "../engine/chunk.ts";
 
-export const CHUNK = {
-  NOT_COPIED: 0,
-  LOADING: 1,
-  IN_MEMORY: 2,
-  STORING: 3,
-  STORED: 4,
-  FAILED: 5,
-} as const;
-
-const NAMES = ["NOT_COPIED", "LOADING", "IN_MEMORY", "STORING", "STORED", "FAILED"];
-
-export function chunkStateName(state: number): string {
-  return NAMES[state] ?? `state#${state}`;
-}
+/** The states are the engine's (lib/engine/chunk.ts documents the same machine). */
+export const CHUNK = ChunkState;
+export { chunkStateName };
 
 /** The state of a state word. */
 export function stateOf(word: number): number {
