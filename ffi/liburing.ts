@@ -27,6 +27,8 @@ export const LIBURING_SYMBOLS = {
   io_uring_get_events: { parameters: ["pointer"], result: "i32" },
   // int io_uring_register_files(struct io_uring *ring, const int *files, unsigned nr_files)
   io_uring_register_files: { parameters: ["pointer", "buffer", "u32"], result: "i32" },
+  // int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr)
+  io_uring_register_buffers: { parameters: ["pointer", "buffer", "u32"], result: "i32" },
   // int io_uring_register_ring_fd(struct io_uring *ring)
   io_uring_register_ring_fd: { parameters: ["pointer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;

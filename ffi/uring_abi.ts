@@ -8,6 +8,8 @@
 export const IORING_OP = {
   NOP: 0,
   FSYNC: 3,
+  READ_FIXED: 4,
+  WRITE_FIXED: 5,
   FALLOCATE: 17,
   READ: 22,
   WRITE: 23,

@@ -87,6 +87,7 @@ export class StoreLoop {
   /** The step of the growth under way, and the capacity the growth aims at. */
   #growthSectors = 0;
   #growthTarget = 0;
+  #poolsRegistered = false;
 
   constructor(init: StoreWorkerInit) {
     const libc = openLibc();
@@ -214,8 +215,9 @@ export class StoreLoop {
     this.#slotChunk[slot] = n;
     this.#slotBuffer[slot] = buffer;
     this.#slotBytes[slot] = bytes;
-    this.#ring.prepRw(
-      IORING_OP.WRITE,
+    if (!this.#poolsRegistered) this.#registerPools();
+    this.#ring.prepBuf(
+      true,
       this.#fd,
       // the pool is mapped at the take, after this worker started
       dev.ctl.poolAddress + buffer * dev.ctl.w[CTL.BUFFER_BYTES]!,
@@ -224,6 +226,26 @@ export class StoreLoop {
       packUserData(UD_KIND.TARGET_IO, slot & 0xffff, slot >>> 16),
     );
     this.#inflight++;
+  }
+
+  /**
+   * Registers every device's buffer pool with the ring (fixed buffers), so
+   * writes to the storage copy through the kernel's mapping of pinned pages.
+   * Done at the first chunk: the pools are mapped at the take, and every
+   * device of the snapshot is armed before any chunk is loaded. Where the
+   * kernel refuses, writes use plain buffers.
+   */
+  #registerPools(): void {
+    this.#poolsRegistered = true;
+    if (Deno.env.get("BLKSNAP_FIXED_BUFFERS") === "0") return;
+    try {
+      this.#ring.registerBuffers(this.#devs.map((d) => ({
+        address: d.ctl.poolAddress,
+        bytes: d.pool.count * d.ctl.w[CTL.BUFFER_BYTES]!,
+      })));
+    } catch (err) {
+      console.error(`blksnap: store worker: no fixed buffers (${err})`);
+    }
   }
 
   #written(slot: number, res: number): void {

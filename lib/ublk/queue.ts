@@ -52,6 +52,8 @@ export interface QueueOptions {
    * read is kept armed in the ring; each completion calls the target's onWake.
    */
   wakeFd?: number;
+  /** Register the tag buffers as fixed buffers (default true). */
+  fixedBuffers?: boolean;
 }
 
 /**
@@ -93,6 +95,8 @@ export class UblkQueue implements QueueContext {
   readonly depth: number;
   readonly maxIoBufBytes: number;
   readonly fileFlags: number;
+  /** Whether the tag buffers are registered with the ring (fixed buffer 0). */
+  readonly fixedBuffers: boolean;
 
   readonly #libc: Libc;
   /** SQE fd of /dev/ublkcN and of the target's files: fixed-file indexes, or the fds. */
@@ -174,6 +178,19 @@ export class UblkQueue implements QueueContext {
       fixed = false;
     }
     this.fileFlags = fixed ? IOSQE.FIXED_FILE : 0;
+    // The tag buffers as fixed buffer 0: target reads and writes into them
+    // (ring.prepBuf) skip pinning pages per request. This pins the whole area
+    // (depth x max_io_buf_bytes) for the queue's life. Without it (refused, or
+    // BLKSNAP_FIXED_BUFFERS=0) the plain opcodes are used.
+    this.fixedBuffers = false;
+    if (opts.fixedBuffers !== false && Deno.env.get("BLKSNAP_FIXED_BUFFERS") !== "0") {
+      try {
+        this.ring.registerBuffers([{ address: this.#bufBase, bytes: this.#bufBytes }]);
+        this.fixedBuffers = true;
+      } catch (err) {
+        console.error(`blksnap: queue ${opts.qId}: no fixed buffers (${err})`);
+      }
+    }
     this.#charFile = fixed ? 0 : opts.charFd;
     this.#targetFiles = fixed ? opts.targetFds.map((_, i) => i + 1) : [...opts.targetFds];
     this.#wakeFd = opts.wakeFd ?? -1;

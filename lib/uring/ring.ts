@@ -63,6 +63,9 @@ export class Ring {
   readonly #cqMask: number;
   readonly #waitTs = new BigInt64Array(2);
   readonly #cqePtrOut = new BigUint64Array(1);
+  /** Registered buffers: [start, end) addresses of buffer index i (see registerBuffers). */
+  #fixedStart: Float64Array = new Float64Array(0);
+  #fixedEnd: Float64Array = new Float64Array(0);
   #closed = false;
 
   constructor(uring: LiburingSymbols, libc: Libc, options: RingOptions) {
@@ -190,6 +193,57 @@ export class Ring {
   registerFiles(fds: readonly number[]): void {
     const rc = this.#uring.io_uring_register_files(this.ptr, new Int32Array(fds), fds.length);
     if (rc < 0) throw new ErrnoError("io_uring_register_files", -rc);
+  }
+
+  /**
+   * Registers memory regions as fixed buffers (index i is regions[i]). The
+   * kernel pins their pages once, so reads and writes into them (READ_FIXED,
+   * WRITE_FIXED: see prepBuf) skip pinning user pages per request on O_DIRECT
+   * files and copy through the kernel's own mapping on buffered ones. Throws
+   * when the kernel refuses (e.g. RLIMIT_MEMLOCK without CAP_IPC_LOCK).
+   */
+  registerBuffers(regions: readonly { address: number; bytes: number }[]): void {
+    assert(regions.length > 0 && regions.length < 256, "1 to 255 fixed buffers");
+    const iov = new BigUint64Array(regions.length * 2);
+    regions.forEach((r, i) => {
+      iov[2 * i] = BigInt(r.address);
+      iov[2 * i + 1] = BigInt(r.bytes);
+    });
+    const rc = this.#uring.io_uring_register_buffers(this.ptr, iov, regions.length);
+    if (rc < 0) throw new ErrnoError("io_uring_register_buffers", -rc);
+    this.#fixedStart = new Float64Array(regions.map((r) => r.address));
+    this.#fixedEnd = new Float64Array(regions.map((r) => r.address + r.bytes));
+  }
+
+  /**
+   * prepRw() for a READ or WRITE of memory: READ_FIXED/WRITE_FIXED with the
+   * buffer's index when [addr, addr+len) lies in a registered buffer, the
+   * plain opcode otherwise.
+   */
+  prepBuf(
+    write: boolean,
+    fd: number,
+    addr: number,
+    len: number,
+    offset: number,
+    userData: number,
+  ): number {
+    const starts = this.#fixedStart;
+    for (let i = 0; i < starts.length; i++) {
+      if (addr >= starts[i]! && addr + len <= this.#fixedEnd[i]!) {
+        const off = this.prepRw(
+          write ? IORING_OP.WRITE_FIXED : IORING_OP.READ_FIXED,
+          fd,
+          addr,
+          len,
+          offset,
+          userData,
+        );
+        this.sqeU8[off + SQE.bufIndex] = i; // u16, little-endian; fewer than 256 buffers
+        return off;
+      }
+    }
+    return this.prepRw(write ? IORING_OP.WRITE : IORING_OP.READ, fd, addr, len, offset, userData);
   }
 
   /** Registers the ring's own fd so that io_uring_enter skips the fd lookup (5.18+). */

@@ -17,7 +17,7 @@
  * A corrupted snapshot fails every image request with EIO.
  */
 import { ERRNO } from "../../../ffi/errno.ts";
-import { IORING_OP, SQE } from "../../../ffi/uring_abi.ts";
+import { SQE } from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
 import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
@@ -216,7 +216,7 @@ export class ImageTarget implements UblkTarget {
         while (m < last && imageSource(map.word(m + 1)) === SRC_ORIGINAL) m++;
         const from = this.#clipStart(tag, n);
         const to = this.#clipEnd(tag, m);
-        this.#piece(q, tag, P_ORIGINAL, n, m, FILE_ORIGINAL, from, to - from, IORING_OP.READ);
+        this.#piece(q, tag, P_ORIGINAL, n, m, FILE_ORIGINAL, from, to - from, false);
         n = m + 1;
       } else if (src === SRC_BUFFER) {
         const from = this.#clipStart(tag, n);
@@ -233,7 +233,7 @@ export class ImageTarget implements UblkTarget {
         const from = this.#clipStart(tag, n);
         const length = this.#clipEnd(tag, n) - from;
         const at = map.offset(n) * this.#view.unitBytes + (from - n * this.#view.chunkBytes);
-        this.#piece(q, tag, P_STORAGE_READ, n, n, FILE_STORAGE, from, length, IORING_OP.READ, at);
+        this.#piece(q, tag, P_STORAGE_READ, n, n, FILE_STORAGE, from, length, false, at);
         n++;
       } else {
         this.#failed[tag] = -ERRNO.EIO;
@@ -284,7 +284,7 @@ export class ImageTarget implements UblkTarget {
           FILE_STORAGE,
           from,
           length,
-          IORING_OP.WRITE,
+          true,
           at,
         );
       } else {
@@ -300,7 +300,7 @@ export class ImageTarget implements UblkTarget {
           FILE_ORIGINAL,
           from,
           chunkLength,
-          IORING_OP.READ,
+          false,
           chunkStart,
           this.#view.poolBase + r * this.#view.bufferBytes,
         );
@@ -330,7 +330,7 @@ export class ImageTarget implements UblkTarget {
     file: number,
     from: number,
     length: number,
-    opcode: number,
+    write: boolean,
     at = from,
     address = 0,
   ): number {
@@ -345,8 +345,8 @@ export class ImageTarget implements UblkTarget {
     this.#pLength[i] = length;
     this.#pTagOffset[i] = tagOffset;
     this.#pieces[tag]!++;
-    const sqe = q.ring.prepRw(
-      opcode,
+    const sqe = q.ring.prepBuf(
+      write,
       q.targetFile(file),
       address !== 0 ? address : q.bufferAddress(tag) + tagOffset,
       length,

@@ -53,8 +53,16 @@ export class PassthroughTarget implements UblkTarget {
       case UBLK_IO_OP.READ:
       case UBLK_IO_OP.WRITE: {
         if (bytes > q.maxIoBufBytes) return -ERRNO.EINVAL;
-        const opcode = req.op === UBLK_IO_OP.READ ? IORING_OP.READ : IORING_OP.WRITE;
-        const off = prep(q, opcode, req.bufAddress, bytes, offset, tag, 0);
+        const off = q.ring.prepBuf(
+          req.op === UBLK_IO_OP.WRITE,
+          q.targetFile(0),
+          req.bufAddress,
+          bytes,
+          offset,
+          packUserData(UD_KIND.TARGET_IO, tag, 0),
+        );
+        q.ring.sqeU8[off + SQE.flags] = q.fileFlags;
+        q.targetSubmitted();
         if (req.flags & UBLK_IO_F.FUA) q.ring.sqeU32[(off + SQE.rwFlags) >> 2] = RWF_DSYNC;
         break;
       }

@@ -24,7 +24,7 @@
  * views of a snapshot's memory are made once per take (the device's epoch).
  */
 import { ERRNO } from "../../../ffi/errno.ts";
-import { IORING_OP, SQE } from "../../../ffi/uring_abi.ts";
+import { SQE } from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
 import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
@@ -228,8 +228,8 @@ export class TrackedTarget implements UblkTarget {
       this.#loadBuffer[base + slot] = r;
       this.#loadBytes[base + slot] = bytes;
       this.#loads[tag]!++;
-      const sqe = q.ring.prepRw(
-        IORING_OP.READ,
+      const sqe = q.ring.prepBuf(
+        false,
         q.targetFile(0),
         this.#view.poolBase + r * this.#view.bufferBytes,
         bytes,
