@@ -345,7 +345,9 @@ export class CbtMap {
     const shift = this.blockSizeShift - SECTOR_SHIFT;
     const first = Math.floor(sector / 2 ** shift);
     const last = Math.floor((sector + count - 1) / 2 ** shift);
-    assert(last < map.length, `CBT block ${last} past the map of ${map.length}`);
+    // The message is built only on failure: as an argument of assert() it
+    // would be allocated on every write.
+    if (last >= map.length) assert(false, `CBT block ${last} past the map of ${map.length}`);
     for (let i = first; i <= last; i++) {
       if (map[i]! < number) map[i] = number;
     }
