@@ -29,6 +29,7 @@
  *
  * Environment: BLKSNAP_BENCH_RUNTIME (seconds per fio run, default 6),
  * BLKSNAP_BENCH_REPEATS (default 3), BLKSNAP_BENCH_PARTS (default "ABC"),
+ * BLKSNAP_BENCH_ONLY_A (a regular expression: the part A workloads to run),
  * BLKSNAP_DAEMON_ARGS (passed to the daemon the CLI starts).
  */
 const ROOT = new URL("../", import.meta.url).pathname;
@@ -36,6 +37,8 @@ const RUNTIME_S = Number(Deno.env.get("BLKSNAP_BENCH_RUNTIME") ?? "6");
 /** Stacks alternate this many times per line; medians are reported. */
 const REPEATS = Number(Deno.env.get("BLKSNAP_BENCH_REPEATS") ?? "3");
 const PARTS = (Deno.env.get("BLKSNAP_BENCH_PARTS") ?? "ABC").toUpperCase();
+/** Part A runs only the workloads whose names match (e.g. "4k"; default: all). */
+const ONLY_A = new RegExp(Deno.env.get("BLKSNAP_BENCH_ONLY_A") ?? "");
 const SIZE_MIB = 1024;
 const SIZE = SIZE_MIB << 20;
 const CHUNK = 256 << 10;
@@ -891,7 +894,8 @@ async function main(): Promise<number> {
         ["tracked", tracked],
       ];
       if (ref) await warmUp(ref.dev);
-      for (const w of [JOBS.randRead, JOBS.randWrite, JOBS.seqRead, JOBS.seqWrite]) {
+      const workloads = [JOBS.randRead, JOBS.randWrite, JOBS.seqRead, JOBS.seqWrite];
+      for (const w of workloads.filter((w) => ONLY_A.test(w.name))) {
         const runs: Samples = {};
         const before = await queueTotals();
         const failed = new Set<string>();
