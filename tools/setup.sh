@@ -26,6 +26,7 @@ HOST_PACKAGES=(
   busybox-static cpio liburing2 e2fsprogs util-linux mount fdisk fio dmsetup
   xz-utils kmod ca-certificates git debian-archive-keyring dash bash
   gcc libc6-dev liburing-dev
+  qemu-utils
 )
 LISTS_MAX_AGE_S=$((24 * 3600))
 

@@ -3,7 +3,8 @@
 #
 # The base is an uncompressed newc cpio (the guest kernel unpacks it much faster
 # under TCG than it would decompress it) holding busybox, deno and its
-# libraries, liburing, e2fsprogs, util-linux tools, fio, dmsetup, dash (as
+# libraries, liburing, e2fsprogs, util-linux tools, fio, dmsetup, qemu-img and
+# qemu-nbd (the backup tests check our qcow2 files with them), dash (as
 # /bin/sh) and bash, the kernel modules the tests need (decompressed, with their
 # dependencies, load order in /etc/blksnap/modules), /init and the uevent
 # helper, and /usr/local/bin/ublk-ref: the minimal C ublk passthrough server
@@ -36,11 +37,12 @@ PROGRAMS=(
   fallocate sfdisk nsenter
   dmsetup
   dd
+  qemu-img qemu-nbd
   dash bash
 )
 # Host packages whose version is part of the cache key.
 KEY_PACKAGES=(busybox-static fio e2fsprogs util-linux mount fdisk dmsetup liburing2 libc6 coreutils dash bash
-  gcc liburing-dev libc6-dev)
+  gcc liburing-dev libc6-dev qemu-utils)
 LIBURING=/usr/lib/x86_64-linux-gnu/liburing.so.2
 
 log() { printf 'vm: %s\n' "$*" >&2; }
