@@ -82,6 +82,7 @@ export const FALLOC_FL = { KEEP_SIZE: 0x01, PUNCH_HOLE: 0x02, ZERO_RANGE: 0x10 }
 /** Block-device ioctls (linux/fs.h). */
 export const BLK = {
   BLKGETSIZE64: 0x8008_1272n, // _IOR(0x12, 114, size_t): u64 bytes
+  BLKROGET: 0x125en, // _IO(0x12, 94), int: 1 when the device is read-only
   BLKSSZGET: 0x1268n, // int: logical block size
   BLKPBSZGET: 0x127bn, // unsigned int: physical block size
   BLKFLSBUF: 0x1261n,

@@ -4,6 +4,7 @@
 import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
 import { BLK, type Libc, O } from "../../ffi/libc.ts";
 import { BlksnapError } from "../engine/errors.ts";
+import type { DeviceParams } from "../ublk/control.ts";
 
 export interface DeviceNumber {
   major: number;
@@ -111,13 +112,19 @@ export function readGeometry(libc: Libc, fd: number, n: DeviceNumber): Geometry 
 }
 
 /**
- * Opens a block device read-write, exclusively (O_EXCL: the kernel refuses
- * while it is mounted or claimed) and with O_DIRECT. EBUSY becomes a message
- * an administrator can act on.
+ * Opens a block device exclusively (O_EXCL: the kernel refuses while it is
+ * mounted or claimed) and with O_DIRECT, read-write unless `readOnly`. EBUSY
+ * becomes a message an administrator can act on.
  */
-export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): number {
+export function openExclusive(
+  libc: Libc,
+  id: BlockDeviceId,
+  verb: string,
+  options: { readOnly?: boolean } = {},
+): number {
+  const access = options.readOnly ? O.RDONLY : O.RDWR;
   try {
-    return libc.open(id.path, O.RDWR | O.EXCL | O.DIRECT | O.CLOEXEC);
+    return libc.open(id.path, access | O.EXCL | O.DIRECT | O.CLOEXEC);
   } catch (err) {
     if (err instanceof ErrnoError && err.code === "EBUSY") {
       throw new BlksnapError(
@@ -135,6 +142,41 @@ export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): numb
   }
 }
 
+/**
+ * Opens an original to be tracked, exclusively: read-write, or read-only when
+ * the device is read-only (`losetup -r`, `blockdev --setro`, a write-protected
+ * disk: its sysfs `ro` attribute or BLKROGET says 1, or a write open fails with
+ * EROFS). A read-only original gets a read-only tracked device.
+ */
+export function openOriginal(
+  libc: Libc,
+  id: BlockDeviceId,
+  verb: string,
+): { fd: number; readOnly: boolean } {
+  if (readSysfsNumber(id, "ro") === 1) {
+    return { fd: openExclusive(libc, id, verb, { readOnly: true }), readOnly: true };
+  }
+  let fd: number;
+  try {
+    fd = openExclusive(libc, id, verb);
+  } catch (err) {
+    // Some drivers refuse a write open of read-only media outright.
+    if (!(err instanceof BlksnapError && err.code === "EROFS")) throw err;
+    return { fd: openExclusive(libc, id, verb, { readOnly: true }), readOnly: true };
+  }
+  let readOnly: boolean;
+  try {
+    readOnly = libc.ioctlGetU32(fd, BLK.BLKROGET, "ioctl(BLKROGET)") !== 0;
+  } catch (err) {
+    libc.close(fd);
+    throw err;
+  }
+  if (!readOnly) return { fd, readOnly };
+  // Made read-only between the sysfs read and the open: reopen without write access.
+  libc.close(fd);
+  return { fd: openExclusive(libc, id, verb, { readOnly: true }), readOnly: true };
+}
+
 /** ", e.g. by dm-0" from sysfs holders, or "" when none are listed. */
 function holdersOf(n: DeviceNumber): string {
   try {
@@ -150,7 +192,9 @@ function holdersOf(n: DeviceNumber): string {
 /**
  * ublk parameters for a device that mirrors `geo`: its size and sector sizes,
  * I/O size limits from the per-tag buffer, and discard when the original
- * has it (a tracked device) — an image passes no discard geometry.
+ * has it (a tracked device) — an image passes no discard geometry. A
+ * read-only device (UBLK_ATTR_READ_ONLY) advertises neither a write cache nor
+ * discard: nothing is written through it.
  */
 export function ublkParams(
   geo: Pick<Geometry, "sizeBytes" | "logicalBlockSize" | "physicalBlockSize"> & {
@@ -158,14 +202,17 @@ export function ublkParams(
     discardGranularity?: number;
   },
   maxIoBufBytes: number,
-  options: { writeCache: boolean },
-) {
+  options: { writeCache: boolean; readOnly?: boolean },
+): DeviceParams {
+  const readOnly = options.readOnly ?? false;
   const logicalBsShift = Math.log2(geo.logicalBlockSize);
   const physicalBsShift = Math.max(
     logicalBsShift,
     Math.min(Math.log2(geo.physicalBlockSize || 512), 12),
   );
-  const maxDiscard = Math.min(Math.floor((geo.discardMaxBytes ?? 0) / 512), 2_097_152);
+  const maxDiscard = readOnly
+    ? 0
+    : Math.min(Math.floor((geo.discardMaxBytes ?? 0) / 512), 2_097_152);
   return {
     devSectors: geo.sizeBytes / 512,
     logicalBsShift,
@@ -173,7 +220,8 @@ export function ublkParams(
     ioMinShift: physicalBsShift,
     ioOptShift: physicalBsShift,
     maxSectors: maxIoBufBytes / 512,
-    writeCache: options.writeCache,
+    readOnly,
+    writeCache: options.writeCache && !readOnly,
     ...(maxDiscard > 0
       ? {
         discard: {

@@ -1,5 +1,5 @@
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
-import { deviceKey, identifyBlockDevice, splitDevT } from "./block_device.ts";
+import { deviceKey, identifyBlockDevice, splitDevT, ublkParams } from "./block_device.ts";
 import { BlksnapError } from "../engine/errors.ts";
 
 Deno.test("splitDevT() decodes glibc's dev_t encoding", () => {
@@ -41,4 +41,28 @@ Deno.test("identifyBlockDevice() says why a path is not a block device", () => {
   }
   assertEquals(reject("/tmp").code, "ENOTBLK");
   assertEquals(reject("/dev/null").message.includes("a special file"), true);
+});
+
+const DISK = {
+  sizeBytes: 1 << 30,
+  logicalBlockSize: 512,
+  physicalBlockSize: 4096,
+  discardMaxBytes: 1 << 30,
+  discardGranularity: 4096,
+};
+
+Deno.test("ublkParams() mirrors a writable original: write cache and discard", () => {
+  const p = ublkParams(DISK, 512 * 1024, { writeCache: true });
+  assertEquals(p.readOnly, false);
+  assertEquals(p.writeCache, true);
+  assertEquals(p.discard?.maxDiscardSectors, 2_097_152);
+  assertEquals([p.logicalBsShift, p.physicalBsShift, p.maxSectors], [9, 12, 1024]);
+});
+
+Deno.test("ublkParams() of a read-only original: read-only, no write cache, no discard", () => {
+  const p = ublkParams(DISK, 512 * 1024, { writeCache: true, readOnly: true });
+  assertEquals(p.readOnly, true);
+  assertEquals(p.writeCache, false);
+  assertEquals(p.discard, undefined);
+  assertEquals(p.devSectors, (1 << 30) / 512);
 });

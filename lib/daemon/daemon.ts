@@ -15,6 +15,7 @@ import {
   type Geometry,
   identifyBlockDevice,
   openExclusive,
+  openOriginal,
   readGeometry,
   splitDevT,
   ublkParams,
@@ -290,7 +291,9 @@ export class Daemon {
     let device: UblkDevice | undefined;
     let pipe: DevicePipe | undefined;
     try {
-      fd = openExclusive(this.#libc, id, "attach");
+      const original = openOriginal(this.#libc, id, "attach");
+      fd = original.fd;
+      const readOnly = original.readOnly;
       const geo = readGeometry(this.#libc, fd, id);
       validateGeometry(path, geo);
       pipe = new DevicePipe(this.#libc, {
@@ -303,7 +306,7 @@ export class Daemon {
         queues: this.options.queues,
         depth: this.options.queueDepth,
         maxIoBufBytes: this.options.maxIoBufBytes,
-        params: ublkParams(geo, this.options.maxIoBufBytes, { writeCache: true }),
+        params: ublkParams(geo, this.options.maxIoBufBytes, { writeCache: true, readOnly }),
         target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
         recovery: true,
         onFatal: (message) => this.#onQueueFatal(id.key, message),
@@ -321,6 +324,7 @@ export class Daemon {
         queues: device.queues,
         queueDepth: device.depth,
         userRecovery: device.recovery,
+        readOnly,
         attachedAt: new Date().toISOString(),
       };
       this.#tracked.set(id.key, {
@@ -341,7 +345,7 @@ export class Daemon {
       fd = -1;
       device = undefined;
       pipe = undefined;
-      log(`attached ${path} (${id.key}) as ${info.tracked}`);
+      log(`attached ${path} (${id.key}) as ${info.tracked}${readOnly ? ", read-only" : ""}`);
       // A queue that failed after START_DEV but before this entry existed.
       const t = this.#tracked.get(id.key)!;
       if (t.device.failure) this.#onQueueFatal(id.key, t.device.failure);

@@ -109,6 +109,8 @@ export interface TrackedInfo {
   queues: number;
   queueDepth: number;
   userRecovery: boolean;
+  /** The original is read-only, and so is the tracked device (UBLK_ATTR_READ_ONLY). */
+  readOnly: boolean;
   attachedAt: string;
 }
 
