@@ -5,11 +5,8 @@ import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
 import { BLK, type Libc, O } from "../../ffi/libc.ts";
 import { BlksnapError } from "../engine/errors.ts";
 import type { DeviceParams } from "../ublk/control.ts";
-
-export interface DeviceNumber {
-  major: number;
-  minor: number;
-}
+import { decodeDevT, deviceKey, type DeviceNumber, parseDeviceKey } from "../dev_t.ts";
+import { assert } from "../assert.ts";
 
 export interface BlockDeviceId extends DeviceNumber {
   /** The path as given. */
@@ -27,18 +24,11 @@ export interface Geometry {
   rotational: boolean;
 }
 
-/** Linux dev_t -> major/minor (the glibc encoding). */
-export function splitDevT(rdev: number): DeviceNumber {
-  const hi = Math.floor(rdev / 4_294_967_296);
-  const lo = rdev >>> 0;
-  return {
-    major: ((lo >>> 8) & 0xfff) | ((hi & 0xfffff000) >>> 0),
-    minor: (lo & 0xff) | ((lo >>> 12) & 0xfffff00),
-  };
-}
-
-export function deviceKey(n: DeviceNumber): string {
-  return `${n.major}:${n.minor}`;
+/** The id of a device known by path and "MAJ:MIN" (e.g. a tracked device's). */
+export function blockDeviceId(path: string, key: string): BlockDeviceId {
+  const n = parseDeviceKey(key);
+  assert(n !== undefined, "a device key that is not MAJ:MIN");
+  return { path, ...n, key };
 }
 
 /** Stats `path` and requires a block device; errors name the path and the reason. */
@@ -68,7 +58,8 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
       `Cannot ${verb} "${path}": it is ${kind}, not a block device`,
     );
   }
-  const n = splitDevT(info.rdev ?? 0);
+  // Deno's rdev is glibc's 64-bit dev_t.
+  const n = decodeDevT(info.rdev ?? 0);
   return { path, ...n, key: deviceKey(n) };
 }
 
@@ -77,9 +68,9 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
  * a minimal system) names the device through sysfs: its node is /dev/DEVNAME.
  */
 function viaSysfs(path: string): BlockDeviceId | undefined {
-  const m = /^\/dev\/block\/(\d+):(\d+)$/.exec(path);
-  if (!m) return undefined;
-  const n = { major: Number(m[1]), minor: Number(m[2]) };
+  if (!path.startsWith("/dev/block/")) return undefined;
+  const n = parseDeviceKey(path.slice("/dev/block/".length));
+  if (!n) return undefined;
   try {
     const uevent = Deno.readTextFileSync(`/sys/dev/block/${n.major}:${n.minor}/uevent`);
     const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];

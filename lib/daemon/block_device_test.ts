@@ -1,17 +1,14 @@
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
-import { deviceKey, identifyBlockDevice, splitDevT, ublkParams } from "./block_device.ts";
+import { blockDeviceId, identifyBlockDevice, ublkParams } from "./block_device.ts";
 import { BlksnapError } from "../engine/errors.ts";
 
-Deno.test("splitDevT() decodes glibc's dev_t encoding", () => {
-  assertEquals(splitDevT(0x0700), { major: 7, minor: 0 }); // loop0
-  assertEquals(splitDevT(0x0811), { major: 8, minor: 17 }); // sdb1
-  assertEquals(splitDevT(0x103_00), { major: 259, minor: 0 }); // ublkb0, nvme
-  // major 259 minor 300: minor's high bits live at bits 20..31
-  assertEquals(splitDevT((259 << 8) | (300 & 0xff) | ((300 & ~0xff) << 12)), {
+Deno.test("blockDeviceId() takes major and minor from the MAJ:MIN key", () => {
+  assertEquals(blockDeviceId("/dev/ublkb0", "259:1048576"), {
+    path: "/dev/ublkb0",
+    key: "259:1048576",
     major: 259,
-    minor: 300,
+    minor: 1048576,
   });
-  assertEquals(deviceKey({ major: 8, minor: 17 }), "8:17");
 });
 
 function reject(path: string): BlksnapError {

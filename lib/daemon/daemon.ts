@@ -11,15 +11,15 @@ import { VERSION } from "../version.ts";
 import type { Params } from "../engine/params.ts";
 import {
   type BlockDeviceId,
-  deviceKey,
+  blockDeviceId,
   type Geometry,
   identifyBlockDevice,
   openExclusive,
   openOriginal,
   readGeometry,
-  splitDevT,
   ublkParams,
 } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { type ArgsOf, PROTOCOL_VERSION, type SectorRange, type TrackedInfo } from "./protocol.ts";
 import { BlksnapError, ERRNO } from "../engine/errors.ts";
 import { DevicePipe } from "./pipe.ts";
@@ -316,7 +316,7 @@ export class Daemon {
         original: path,
         originalDevice: id.key,
         tracked: device.blockPath,
-        trackedDevice: deviceKey(splitDevT(trackedRdev)),
+        trackedDevice: devTKey(trackedRdev),
         ublkId: device.devId,
         sizeBytes: geo.sizeBytes,
         logicalBlockSize: geo.logicalBlockSize,
@@ -382,7 +382,7 @@ export class Daemon {
     // mounted, and keeps anyone from mounting it during the teardown.
     const guard = openExclusive(
       this.#libc,
-      { path: t.info.tracked, key: t.info.trackedDevice, ...splitKey(t.info.trackedDevice) },
+      blockDeviceId(t.info.tracked, t.info.trackedDevice),
       "detach",
     );
     t.detaching = true;
@@ -462,11 +462,6 @@ export class Daemon {
     }
     this.#ctrl.close();
   }
-}
-
-function splitKey(key: string): { major: number; minor: number } {
-  const [major, minor] = key.split(":").map(Number);
-  return { major: major!, minor: minor! };
 }
 
 function validateGeometry(path: string, geo: Geometry): void {

@@ -8,7 +8,7 @@
 import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
 import { BLK, type Libc, LOCK, O } from "../../ffi/libc.ts";
 import { BlksnapError } from "../engine/errors.ts";
-import { deviceKey, splitDevT } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { STORAGE_KIND } from "../pipeline/storage_ctl.ts";
 
 export interface OpenStorage {
@@ -65,7 +65,7 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         fd,
         path,
         kind: STORAGE_KIND.BLOCKDEV,
-        deviceKey: deviceKey(splitDevT(info.rdev ?? 0)),
+        deviceKey: devTKey(info.rdev ?? 0),
         sizeBytes: size,
       };
     } catch (err) {
@@ -80,7 +80,7 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         fd,
         path,
         kind: STORAGE_KIND.TMPFILE,
-        deviceKey: deviceKey(splitDevT(info.dev)),
+        deviceKey: devTKey(info.dev),
         sizeBytes: 0,
       };
     } catch (err) {
@@ -102,7 +102,7 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         fd,
         path,
         kind: STORAGE_KIND.FILE,
-        deviceKey: deviceKey(splitDevT(info.dev)),
+        deviceKey: devTKey(info.dev),
         sizeBytes: info.size,
       };
     } catch (err) {
