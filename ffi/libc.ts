@@ -4,7 +4,7 @@
  * its own handle. Importing this module loads nothing.
  */
 import { dlopenFirst } from "./load.ts";
-import { ErrnoError } from "./errno.ts";
+import { ERRNO, ErrnoError } from "./errno.ts";
 
 export const LIBC_SYMBOLS = {
   // int open(const char *path, int flags, mode_t mode)
@@ -189,7 +189,7 @@ export class Libc {
     const rc = this.sym.posix_memalign(out, BigInt(alignment), BigInt(size));
     if (rc !== 0) throw new ErrnoError(`posix_memalign(${alignment}, ${size})`, rc);
     const ptr = Deno.UnsafePointer.create(out[0]!);
-    if (ptr === null) throw new ErrnoError(`posix_memalign(${alignment}, ${size})`, 12);
+    if (ptr === null) throw new ErrnoError(`posix_memalign(${alignment}, ${size})`, ERRNO.ENOMEM);
     new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, size)).fill(0);
     return ptr;
   }
