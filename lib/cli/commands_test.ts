@@ -12,7 +12,7 @@ import type {
   StatusResult,
   WaitEventResult,
 } from "../daemon/protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 import { resolve } from "node:path";
 
 const ID = "0b5a3c1e-9f7d-4c2b-8a61-3e5d7f9b1c2a";

@@ -4,7 +4,7 @@
 import { resolve } from "node:path";
 import { type Command, EXIT, noPositionals, requireString } from "./command.ts";
 import { NoDaemonError } from "../daemon/client.ts";
-import { errnoDescription } from "../errno.ts";
+import { errnoDescription } from "../../ffi/errno.ts";
 import type {
   DeviceStatus,
   QueueStats,

@@ -1,9 +1,8 @@
 /**
  * Looking at block devices by path: existence, kind, device number, geometry.
  */
-import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError, ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
 import { BLK, type Libc, O } from "../../ffi/libc.ts";
-import { BlksnapError } from "../engine/errors.ts";
 import type { DeviceParams } from "../ublk/control.ts";
 import { decodeDevT, deviceKey, type DeviceNumber, parseDeviceKey } from "../dev_t.ts";
 import { assert } from "../assert.ts";

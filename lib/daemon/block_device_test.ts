@@ -1,6 +1,6 @@
 import { deepStrictEqual as assertEquals } from "node:assert/strict";
 import { blockDeviceId, identifyBlockDevice, ublkParams } from "./block_device.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 
 Deno.test("blockDeviceId() takes major and minor from the MAJ:MIN key", () => {
   assertEquals(blockDeviceId("/dev/ublkb0", "259:1048576"), {

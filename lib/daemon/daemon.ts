@@ -21,7 +21,7 @@ import {
 } from "./block_device.ts";
 import { devTKey } from "../dev_t.ts";
 import { type ArgsOf, PROTOCOL_VERSION, type SectorRange, type TrackedInfo } from "./protocol.ts";
-import { BlksnapError, ERRNO } from "../engine/errors.ts";
+import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { DevicePipe } from "./pipe.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
 import { Buffer } from "node:buffer";

@@ -15,8 +15,7 @@ import {
   type Reply,
   salvageId,
 } from "./protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
-import { ERRNO, ErrnoError } from "../../ffi/errno.ts";
+import { BlksnapError, ERRNO, ErrnoError } from "../../ffi/errno.ts";
 
 /** What the server needs of the daemon (a fake in the unit tests). */
 export type DaemonApi = Pick<
@@ -37,7 +36,6 @@ export type DaemonApi = Pick<
   | "snapshotWaitEvent"
 >;
 
-export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
 /** Connections served at once; more are closed at accept. */
 const MAX_CONNECTIONS = 256;
 

@@ -16,7 +16,7 @@
  * operation fails with no change of state.
  */
 import type { Libc } from "../../ffi/libc.ts";
-import { BlksnapError, ERRNO } from "../engine/errors.ts";
+import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { EventQueue, type SnapshotEvent } from "../engine/event_queue.ts";
 import type { Params } from "../engine/params.ts";
 import { CTL, CTL_F } from "../pipeline/device_ctl.ts";

@@ -5,9 +5,8 @@
  * namespace, so a path is looked up in the requesting client's: through
  * /proc/PID/root.
  */
-import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError, ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
 import { BLK, type Libc, LOCK, O } from "../../ffi/libc.ts";
-import { BlksnapError } from "../engine/errors.ts";
 import { devTKey } from "../dev_t.ts";
 import { STORAGE_KIND } from "../pipeline/storage_ctl.ts";
 
