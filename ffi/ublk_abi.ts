@@ -1,6 +1,6 @@
 /**
- * ublk kernel ABI (linux/ublk_cmd.h as shipped with Debian's 6.12 kernel),
- * the values verified in shared/research/ublk.md §1.3–§2.3.
+ * ublk kernel ABI (linux/ublk_cmd.h as shipped with Debian's 6.12 kernel);
+ * what the values mean and what was verified: docs/ublk.md §1–§2.
  */
 import { ERRNO } from "./errno.ts";
 

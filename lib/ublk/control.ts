@@ -4,7 +4,7 @@
  * GET_FEATURES).
  *
  * Runs on the daemon's main thread, which lives as long as the daemon: a control
- * command whose submitting thread exits can wedge that exit (research/ublk.md
+ * command whose submitting thread exits can wedge that exit (docs/ublk.md
  * §1.1). The kernel punts every control command to an io-wq worker, so submit
  * returns at once; completions are polled from the event loop, which keeps the
  * socket server responsive while START_DEV waits for the queues. Commands are
