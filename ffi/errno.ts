@@ -144,4 +144,13 @@ export class BlksnapError extends Error {
     this.code = code;
     this.errno = ERRNO[code];
   }
+
+  /**
+   * A failed call as the operating error to answer with: its errno (EIO when
+   * the table has no name for it), `message`, and the call's error as cause.
+   */
+  static fromErrno(err: ErrnoError, message: string): BlksnapError {
+    const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
+    return new BlksnapError(code, message, { cause: err });
+  }
 }

@@ -1,7 +1,7 @@
 /**
  * Looking at block devices by path: existence, kind, device number, geometry.
  */
-import { BlksnapError, ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError, ErrnoError } from "../../ffi/errno.ts";
 import { BLK, type Libc, O } from "../../ffi/libc.ts";
 import type { DeviceParams } from "../ublk/control.ts";
 import { decodeDevT, deviceKey, type DeviceNumber, parseDeviceKey } from "../dev_t.ts";
@@ -125,8 +125,7 @@ export function openExclusive(
       );
     }
     if (err instanceof ErrnoError) {
-      const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
-      throw new BlksnapError(code, `Cannot ${verb} "${id.path}": ${err.message}`);
+      throw BlksnapError.fromErrno(err, `Cannot ${verb} "${id.path}": ${err.message}`);
     }
     throw err;
   }

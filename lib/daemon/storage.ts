@@ -5,7 +5,7 @@
  * namespace, so a path is looked up in the requesting client's: through
  * /proc/PID/root.
  */
-import { BlksnapError, ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError, ErrnoError } from "../../ffi/errno.ts";
 import { BLK, type Libc, LOCK, O } from "../../ffi/libc.ts";
 import { devTKey } from "../dev_t.ts";
 import { STORAGE_KIND } from "../pipeline/storage_ctl.ts";
@@ -52,8 +52,10 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         `Cannot ${what} the difference storage "${path}": it is in use`,
       );
     }
-    const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
-    throw new BlksnapError(code, `Cannot ${what} the difference storage "${path}": ${err.message}`);
+    throw BlksnapError.fromErrno(
+      err,
+      `Cannot ${what} the difference storage "${path}": ${err.message}`,
+    );
   };
   if (info.isBlockDevice) {
     let fd = -1;
