@@ -4,7 +4,7 @@
  * its own handle. Importing this module loads nothing.
  */
 import { dlopenFirst } from "./load.ts";
-import { ErrnoError } from "./errno.ts";
+import { ERRNO, ErrnoError } from "./errno.ts";
 
 export const LIBC_SYMBOLS = {
   // int open(const char *path, int flags, mode_t mode)
@@ -82,6 +82,7 @@ export const FALLOC_FL = { KEEP_SIZE: 0x01, PUNCH_HOLE: 0x02, ZERO_RANGE: 0x10 }
 /** Block-device ioctls (linux/fs.h). */
 export const BLK = {
   BLKGETSIZE64: 0x8008_1272n, // _IOR(0x12, 114, size_t): u64 bytes
+  BLKROGET: 0x125en, // _IO(0x12, 94), int: 1 when the device is read-only
   BLKSSZGET: 0x1268n, // int: logical block size
   BLKPBSZGET: 0x127bn, // unsigned int: physical block size
   BLKFLSBUF: 0x1261n,
@@ -188,7 +189,7 @@ export class Libc {
     const rc = this.sym.posix_memalign(out, BigInt(alignment), BigInt(size));
     if (rc !== 0) throw new ErrnoError(`posix_memalign(${alignment}, ${size})`, rc);
     const ptr = Deno.UnsafePointer.create(out[0]!);
-    if (ptr === null) throw new ErrnoError(`posix_memalign(${alignment}, ${size})`, 12);
+    if (ptr === null) throw new ErrnoError(`posix_memalign(${alignment}, ${size})`, ERRNO.ENOMEM);
     new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, size)).fill(0);
     return ptr;
   }

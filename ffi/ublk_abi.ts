@@ -1,7 +1,8 @@
 /**
- * ublk kernel ABI (linux/ublk_cmd.h as shipped with Debian's 6.12 kernel),
- * the values verified in shared/research/ublk.md §1.3–§2.3.
+ * ublk kernel ABI (linux/ublk_cmd.h as shipped with Debian's 6.12 kernel);
+ * what the values mean and what was verified: docs/ublk.md §1–§2.
  */
+import { ERRNO } from "./errno.ts";
 
 /** Control commands: ioctl-encoded (UBLK_U_CMD_*, 6.4+) and legacy (6.0+) numbers. */
 export const UBLK_CMD = {
@@ -66,7 +67,7 @@ export const UBLK_IO_F = {
 } as const;
 
 /** Completion result of every outstanding command after STOP_DEV or an abort. */
-export const UBLK_IO_RES_ABORT = -19;
+export const UBLK_IO_RES_ABORT = -ERRNO.ENODEV;
 export const UBLK_IO_RES_OK = 0;
 export const UBLK_IO_RES_NEED_GET_DATA = 1;
 

@@ -12,7 +12,7 @@ import {
   PROTOCOL_VERSION,
   salvageId,
 } from "../daemon/protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 
 export interface CliResult {
   code: number;

@@ -5,8 +5,13 @@
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { Client, DaemonUnavailableError, NoDaemonError, startDaemon } from "../daemon/client.ts";
-import { DEFAULT_SOCKET_PATH } from "../daemon/server.ts";
-import type { ArgsOf, Op, Request, ResultOf } from "../daemon/protocol.ts";
+import {
+  type ArgsOf,
+  DEFAULT_SOCKET_PATH,
+  type Op,
+  type Request,
+  type ResultOf,
+} from "../daemon/protocol.ts";
 
 /** Exit statuses (README "Exit status"). */
 export const EXIT = {

@@ -12,7 +12,7 @@ import type {
   StatusResult,
   WaitEventResult,
 } from "../daemon/protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 import { resolve } from "node:path";
 
 const ID = "0b5a3c1e-9f7d-4c2b-8a61-3e5d7f9b1c2a";
@@ -515,6 +515,7 @@ const STATUS: StatusResult = {
     queues: 2,
     queueDepth: 128,
     userRecovery: false,
+    readOnly: false,
     attachedAt: "2025-01-01T00:00:01.000Z",
     queueStats: [],
     cbt: { blockSize: 65536, blockCount: 16384, generationId: GEN, changesNumber: 3 },
@@ -552,8 +553,8 @@ Deno.test("status shows a CBT column and the snapshots", async () => {
   const r = await run(["status"], () => STATUS);
   assertEquals(r.code, 0);
   const lines = r.out.split("\n");
-  assertMatch(lines[3]!, /ORIGINAL .* ERRORS {2}CBT$/);
-  assertMatch(lines[4]!, /^\/dev\/loop0 \(7:0\) .* 0 +d4c3b2a1\/3$/);
+  assertMatch(lines[3]!, /ORIGINAL .* QUEUES {2}MODE {2}BLOCK .* ERRORS {2}CBT$/);
+  assertMatch(lines[4]!, /^\/dev\/loop0 \(7:0\) .* 2x128 +rw +512\/4096 .* 0 +d4c3b2a1\/3$/);
   assertEquals(lines.slice(5), [
     `snapshot ${ID}: taken 2025-01-01T00:01:00.000Z, error_code=0`,
     "  storage: /var/tmp (tmpfile), used 3.00 MiB of 64.0 MiB, limit 1.00 GiB",
@@ -566,6 +567,13 @@ Deno.test("status shows a CBT column and the snapshots", async () => {
     running: true,
     ...STATUS,
   });
+});
+
+Deno.test("status shows a read-only tracked device as ro", async () => {
+  const device = { ...STATUS.devices[0]!, readOnly: true };
+  const r = await run(["status"], () => ({ ...STATUS, devices: [device] }));
+  assertEquals(r.code, 0);
+  assertMatch(r.out.split("\n")[4]!, / 2x128 +ro +512\/4096 /);
 });
 
 Deno.test("status tolerates a daemon without snapshots or CBT", async () => {

@@ -3,10 +3,11 @@
  */
 import { type Command, EXIT, noPositionals, UsageError, type Values } from "./command.ts";
 import { runDaemon } from "../daemon/run.ts";
+import { DEFAULT_SOCKET_PATH } from "../daemon/protocol.ts";
 import { DEFAULT_DAEMON_OPTIONS } from "../daemon/daemon.ts";
 import { MAX_QUEUES } from "../pipeline/device_ctl.ts";
 import { DEFAULT_PARAMS, PARAM_SPECS, type Params, resolveParams } from "../engine/params.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 
 const PARAM_OPTIONS = Object.fromEntries(
   PARAM_SPECS.map((spec) => [spec.name.replaceAll("_", "-"), { type: "string" as const }]),
@@ -22,7 +23,7 @@ export const daemon: Command = {
   usage:
     "blksnap daemon [--socket PATH] [--log-file FILE] [--queues N] [--queue-depth N] [PARAMETERS]",
   help: `Options:
-  --socket PATH           control socket (default /run/blksnap/control.sock, mode 0600)
+  --socket PATH           control socket (default ${DEFAULT_SOCKET_PATH}, mode 0600)
   --log-file FILE         append log lines to FILE instead of stderr
   --queues N              ublk hardware queues per device (default ${DEFAULT_DAEMON_OPTIONS.queues})
   --queue-depth N         tags per queue (default ${DEFAULT_DAEMON_OPTIONS.queueDepth})

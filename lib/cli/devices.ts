@@ -4,7 +4,7 @@
 import { resolve } from "node:path";
 import { type Command, EXIT, noPositionals, requireString } from "./command.ts";
 import { NoDaemonError } from "../daemon/client.ts";
-import { errnoDescription } from "../errno.ts";
+import { errnoDescription } from "../../ffi/errno.ts";
 import type {
   DeviceStatus,
   QueueStats,
@@ -22,7 +22,8 @@ export const attach: Command = {
 
 The original is opened exclusively: it must not be mounted. Make filesystems on,
 and mount, the tracked device that this prints (e.g. /dev/ublkb0), never the
-original. Starts the daemon when it is not running.
+original. A read-only original (losetup -r, blockdev --setro) gets a read-only
+tracked device. Starts the daemon when it is not running.
 
 Example:
   blksnap attach --device /dev/sdb1      # prints /dev/ublkb0
@@ -64,7 +65,8 @@ export const status: Command = {
   summary: "Show the daemon and every tracked device.",
   usage: "blksnap status",
   help: `Prints the daemon's pid and the ublk features of the kernel, then one line per
-tracked device: original, tracked device, size, queues x depth, block sizes,
+tracked device: original, tracked device, size, queues x depth, mode (rw, or ro
+for a read-only original, whose tracked device is read-only too), block sizes,
 user recovery, bytes read and written, I/O errors, and the change tracker
 (CBT: the first 8 digits of the generation id / the change number). Then each
 snapshot: its UUID, taken (when) or not, its error code, its difference storage
@@ -94,6 +96,7 @@ Does not start the daemon: when none runs it says so and exits 0.`,
         "TRACKED",
         "SIZE",
         "QUEUES",
+        "MODE",
         "BLOCK",
         "RECOVERY",
         "READ",
@@ -108,6 +111,7 @@ Does not start the daemon: when none runs it says so and exits 0.`,
           `${d.tracked} (${d.trackedDevice})`,
           formatBytes(d.sizeBytes),
           `${d.queues}x${d.queueDepth}`,
+          d.readOnly ? "ro" : "rw",
           `${d.logicalBlockSize}/${d.physicalBlockSize}`,
           d.userRecovery ? "yes" : "no",
           formatBytes(total("bytesRead")),

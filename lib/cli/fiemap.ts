@@ -4,7 +4,7 @@
  * /dev/block/MAJ:MIN of the file's st_dev.
  */
 import { FIEMAP, type Libc, O } from "../../ffi/libc.ts";
-import { deviceKey, splitDevT } from "../daemon/block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import type { SectorRange } from "../daemon/protocol.ts";
 import { CommandError } from "./command.ts";
 
@@ -111,5 +111,5 @@ export function extentsToRanges(extents: Extent[], path: string): SectorRange[] 
 
 /** /dev/block/MAJ:MIN of the device holding the file (its st_dev). */
 export function fileDevicePath(info: Deno.FileInfo): string {
-  return `/dev/block/${deviceKey(splitDevT(info.dev))}`;
+  return `/dev/block/${devTKey(info.dev)}`;
 }

@@ -12,7 +12,7 @@ import {
   fileExtents,
 } from "./fiemap.ts";
 import { FIEMAP, openLibc } from "../../ffi/libc.ts";
-import { deviceKey, splitDevT } from "../daemon/block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { CommandError } from "./command.ts";
 
 Deno.test("encodeFiemapRequest() and decodeFiemap() follow struct fiemap's layout", () => {
@@ -128,7 +128,7 @@ Deno.test({
       assertEquals(ranges.reduce((a, r) => a + r.count, 0), ((1 << 20) + 4096) / 512);
       // the device: /dev/block/MAJ:MIN of st_dev
       const info = Deno.statSync(path);
-      assertEquals(fileDevicePath(info), `/dev/block/${deviceKey(splitDevT(info.dev))}`);
+      assertEquals(fileDevicePath(info), `/dev/block/${devTKey(info.dev)}`);
       // what FIEMAP says is where the data is (when the device may be read: root)
       const first = extents[0]!;
       const dev = openDevice(fileDevicePath(info));

@@ -19,7 +19,7 @@ import {
 import { parseSize, parseTimeout, requireUuid, stringList } from "./parse.ts";
 import { DaemonError, NoDaemonError } from "../daemon/client.ts";
 import { MAX_DEVICES, type WaitEventResult } from "../daemon/protocol.ts";
-import { errnoDescription } from "../errno.ts";
+import { errnoDescription } from "../../ffi/errno.ts";
 
 const NO_SNAPSHOT = "no snapshot exists";
 const ID_HELP = "  -i, --id UUID         the snapshot (as snapshot_create printed it)";

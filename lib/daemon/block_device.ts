@@ -1,14 +1,11 @@
 /**
  * Looking at block devices by path: existence, kind, device number, geometry.
  */
-import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError, ErrnoError } from "../../ffi/errno.ts";
 import { BLK, type Libc, O } from "../../ffi/libc.ts";
-import { BlksnapError } from "../engine/errors.ts";
-
-export interface DeviceNumber {
-  major: number;
-  minor: number;
-}
+import type { DeviceParams } from "../ublk/control.ts";
+import { decodeDevT, deviceKey, type DeviceNumber, parseDeviceKey } from "../dev_t.ts";
+import { assert } from "../assert.ts";
 
 export interface BlockDeviceId extends DeviceNumber {
   /** The path as given. */
@@ -26,18 +23,11 @@ export interface Geometry {
   rotational: boolean;
 }
 
-/** Linux dev_t -> major/minor (the glibc encoding). */
-export function splitDevT(rdev: number): DeviceNumber {
-  const hi = Math.floor(rdev / 4_294_967_296);
-  const lo = rdev >>> 0;
-  return {
-    major: ((lo >>> 8) & 0xfff) | ((hi & 0xfffff000) >>> 0),
-    minor: (lo & 0xff) | ((lo >>> 12) & 0xfffff00),
-  };
-}
-
-export function deviceKey(n: DeviceNumber): string {
-  return `${n.major}:${n.minor}`;
+/** The id of a device known by path and "MAJ:MIN" (e.g. a tracked device's). */
+export function blockDeviceId(path: string, key: string): BlockDeviceId {
+  const n = parseDeviceKey(key);
+  assert(n !== undefined, "a device key that is not MAJ:MIN");
+  return { path, ...n, key };
 }
 
 /** Stats `path` and requires a block device; errors name the path and the reason. */
@@ -67,7 +57,8 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
       `Cannot ${verb} "${path}": it is ${kind}, not a block device`,
     );
   }
-  const n = splitDevT(info.rdev ?? 0);
+  // Deno's rdev is glibc's 64-bit dev_t.
+  const n = decodeDevT(info.rdev ?? 0);
   return { path, ...n, key: deviceKey(n) };
 }
 
@@ -76,9 +67,9 @@ export function identifyBlockDevice(path: string, verb: string): BlockDeviceId {
  * a minimal system) names the device through sysfs: its node is /dev/DEVNAME.
  */
 function viaSysfs(path: string): BlockDeviceId | undefined {
-  const m = /^\/dev\/block\/(\d+):(\d+)$/.exec(path);
-  if (!m) return undefined;
-  const n = { major: Number(m[1]), minor: Number(m[2]) };
+  if (!path.startsWith("/dev/block/")) return undefined;
+  const n = parseDeviceKey(path.slice("/dev/block/".length));
+  if (!n) return undefined;
   try {
     const uevent = Deno.readTextFileSync(`/sys/dev/block/${n.major}:${n.minor}/uevent`);
     const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
@@ -111,13 +102,19 @@ export function readGeometry(libc: Libc, fd: number, n: DeviceNumber): Geometry 
 }
 
 /**
- * Opens a block device read-write, exclusively (O_EXCL: the kernel refuses
- * while it is mounted or claimed) and with O_DIRECT. EBUSY becomes a message
- * an administrator can act on.
+ * Opens a block device exclusively (O_EXCL: the kernel refuses while it is
+ * mounted or claimed) and with O_DIRECT, read-write unless `readOnly`. EBUSY
+ * becomes a message an administrator can act on.
  */
-export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): number {
+export function openExclusive(
+  libc: Libc,
+  id: BlockDeviceId,
+  verb: string,
+  options: { readOnly?: boolean } = {},
+): number {
+  const access = options.readOnly ? O.RDONLY : O.RDWR;
   try {
-    return libc.open(id.path, O.RDWR | O.EXCL | O.DIRECT | O.CLOEXEC);
+    return libc.open(id.path, access | O.EXCL | O.DIRECT | O.CLOEXEC);
   } catch (err) {
     if (err instanceof ErrnoError && err.code === "EBUSY") {
       throw new BlksnapError(
@@ -128,11 +125,45 @@ export function openExclusive(libc: Libc, id: BlockDeviceId, verb: string): numb
       );
     }
     if (err instanceof ErrnoError) {
-      const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
-      throw new BlksnapError(code, `Cannot ${verb} "${id.path}": ${err.message}`);
+      throw BlksnapError.fromErrno(err, `Cannot ${verb} "${id.path}": ${err.message}`);
     }
     throw err;
   }
+}
+
+/**
+ * Opens an original to be tracked, exclusively: read-write, or read-only when
+ * the device is read-only (`losetup -r`, `blockdev --setro`, a write-protected
+ * disk: its sysfs `ro` attribute or BLKROGET says 1, or a write open fails with
+ * EROFS). A read-only original gets a read-only tracked device.
+ */
+export function openOriginal(
+  libc: Libc,
+  id: BlockDeviceId,
+  verb: string,
+): { fd: number; readOnly: boolean } {
+  if (readSysfsNumber(id, "ro") === 1) {
+    return { fd: openExclusive(libc, id, verb, { readOnly: true }), readOnly: true };
+  }
+  let fd: number;
+  try {
+    fd = openExclusive(libc, id, verb);
+  } catch (err) {
+    // Some drivers refuse a write open of read-only media outright.
+    if (!(err instanceof BlksnapError && err.code === "EROFS")) throw err;
+    return { fd: openExclusive(libc, id, verb, { readOnly: true }), readOnly: true };
+  }
+  let readOnly: boolean;
+  try {
+    readOnly = libc.ioctlGetU32(fd, BLK.BLKROGET, "ioctl(BLKROGET)") !== 0;
+  } catch (err) {
+    libc.close(fd);
+    throw err;
+  }
+  if (!readOnly) return { fd, readOnly };
+  // Made read-only between the sysfs read and the open: reopen without write access.
+  libc.close(fd);
+  return { fd: openExclusive(libc, id, verb, { readOnly: true }), readOnly: true };
 }
 
 /** ", e.g. by dm-0" from sysfs holders, or "" when none are listed. */
@@ -150,7 +181,9 @@ function holdersOf(n: DeviceNumber): string {
 /**
  * ublk parameters for a device that mirrors `geo`: its size and sector sizes,
  * I/O size limits from the per-tag buffer, and discard when the original
- * has it (a tracked device) — an image passes no discard geometry.
+ * has it (a tracked device) — an image passes no discard geometry. A
+ * read-only device (UBLK_ATTR_READ_ONLY) advertises neither a write cache nor
+ * discard: nothing is written through it.
  */
 export function ublkParams(
   geo: Pick<Geometry, "sizeBytes" | "logicalBlockSize" | "physicalBlockSize"> & {
@@ -158,14 +191,17 @@ export function ublkParams(
     discardGranularity?: number;
   },
   maxIoBufBytes: number,
-  options: { writeCache: boolean },
-) {
+  options: { writeCache: boolean; readOnly?: boolean },
+): DeviceParams {
+  const readOnly = options.readOnly ?? false;
   const logicalBsShift = Math.log2(geo.logicalBlockSize);
   const physicalBsShift = Math.max(
     logicalBsShift,
     Math.min(Math.log2(geo.physicalBlockSize || 512), 12),
   );
-  const maxDiscard = Math.min(Math.floor((geo.discardMaxBytes ?? 0) / 512), 2_097_152);
+  const maxDiscard = readOnly
+    ? 0
+    : Math.min(Math.floor((geo.discardMaxBytes ?? 0) / 512), 2_097_152);
   return {
     devSectors: geo.sizeBytes / 512,
     logicalBsShift,
@@ -173,7 +209,8 @@ export function ublkParams(
     ioMinShift: physicalBsShift,
     ioOptShift: physicalBsShift,
     maxSectors: maxIoBufBytes / 512,
-    writeCache: options.writeCache,
+    readOnly,
+    writeCache: options.writeCache && !readOnly,
     ...(maxDiscard > 0
       ? {
         discard: {

@@ -11,16 +11,17 @@ import { VERSION } from "../version.ts";
 import type { Params } from "../engine/params.ts";
 import {
   type BlockDeviceId,
-  deviceKey,
+  blockDeviceId,
   type Geometry,
   identifyBlockDevice,
   openExclusive,
+  openOriginal,
   readGeometry,
-  splitDevT,
   ublkParams,
 } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { type ArgsOf, PROTOCOL_VERSION, type SectorRange, type TrackedInfo } from "./protocol.ts";
-import { BlksnapError, ERRNO } from "../engine/errors.ts";
+import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { DevicePipe } from "./pipe.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
 import { Buffer } from "node:buffer";
@@ -290,7 +291,9 @@ export class Daemon {
     let device: UblkDevice | undefined;
     let pipe: DevicePipe | undefined;
     try {
-      fd = openExclusive(this.#libc, id, "attach");
+      const original = openOriginal(this.#libc, id, "attach");
+      fd = original.fd;
+      const readOnly = original.readOnly;
       const geo = readGeometry(this.#libc, fd, id);
       validateGeometry(path, geo);
       pipe = new DevicePipe(this.#libc, {
@@ -303,7 +306,7 @@ export class Daemon {
         queues: this.options.queues,
         depth: this.options.queueDepth,
         maxIoBufBytes: this.options.maxIoBufBytes,
-        params: ublkParams(geo, this.options.maxIoBufBytes, { writeCache: true }),
+        params: ublkParams(geo, this.options.maxIoBufBytes, { writeCache: true, readOnly }),
         target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
         recovery: true,
         onFatal: (message) => this.#onQueueFatal(id.key, message),
@@ -313,7 +316,7 @@ export class Daemon {
         original: path,
         originalDevice: id.key,
         tracked: device.blockPath,
-        trackedDevice: deviceKey(splitDevT(trackedRdev)),
+        trackedDevice: devTKey(trackedRdev),
         ublkId: device.devId,
         sizeBytes: geo.sizeBytes,
         logicalBlockSize: geo.logicalBlockSize,
@@ -321,6 +324,7 @@ export class Daemon {
         queues: device.queues,
         queueDepth: device.depth,
         userRecovery: device.recovery,
+        readOnly,
         attachedAt: new Date().toISOString(),
       };
       this.#tracked.set(id.key, {
@@ -341,7 +345,7 @@ export class Daemon {
       fd = -1;
       device = undefined;
       pipe = undefined;
-      log(`attached ${path} (${id.key}) as ${info.tracked}`);
+      log(`attached ${path} (${id.key}) as ${info.tracked}${readOnly ? ", read-only" : ""}`);
       // A queue that failed after START_DEV but before this entry existed.
       const t = this.#tracked.get(id.key)!;
       if (t.device.failure) this.#onQueueFatal(id.key, t.device.failure);
@@ -378,7 +382,7 @@ export class Daemon {
     // mounted, and keeps anyone from mounting it during the teardown.
     const guard = openExclusive(
       this.#libc,
-      { path: t.info.tracked, key: t.info.trackedDevice, ...splitKey(t.info.trackedDevice) },
+      blockDeviceId(t.info.tracked, t.info.trackedDevice),
       "detach",
     );
     t.detaching = true;
@@ -458,11 +462,6 @@ export class Daemon {
     }
     this.#ctrl.close();
   }
-}
-
-function splitKey(key: string): { major: number; minor: number } {
-  const [major, minor] = key.split(":").map(Number);
-  return { major: major!, minor: minor! };
 }
 
 function validateGeometry(path: string, geo: Geometry): void {

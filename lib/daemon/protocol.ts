@@ -9,11 +9,13 @@
  * with EPROTO and does nothing. `id` numbers the requests of a connection and
  * is echoed. Every request is validated here before any handler sees it.
  */
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 import type { Params } from "../engine/params.ts";
 import type { QueueStats } from "../ublk/device.ts";
 
 export const PROTOCOL_VERSION = 1;
+/** Where the daemon listens unless told otherwise (--socket, $BLKSNAP_SOCKET). */
+export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
 /** Longest request line accepted; longer input is an error, not a buffer. */
 export const MAX_LINE_BYTES = 64 * 1024;
 
@@ -109,6 +111,8 @@ export interface TrackedInfo {
   queues: number;
   queueDepth: number;
   userRecovery: boolean;
+  /** The original is read-only, and so is the tracked device (UBLK_ATTR_READ_ONLY). */
+  readOnly: boolean;
   attachedAt: string;
 }
 

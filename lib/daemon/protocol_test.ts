@@ -1,6 +1,6 @@
 import { deepStrictEqual as assertEquals, throws as assertThrows } from "node:assert/strict";
 import { errorBody, parseRequest, PROTOCOL_VERSION, salvageId } from "./protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 
 function code(line: string): string {
   try {

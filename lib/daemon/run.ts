@@ -67,7 +67,7 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
 /**
  * The daemon must not share a mount namespace with the users of its devices:
  * a mount of its own device in a namespace that dies with it deadlocks its
- * exit (research/ublk.md §5). unshare(CLONE_NEWNS) fails in a threaded
+ * exit (docs/ublk.md §5). unshare(CLONE_NEWNS) fails in a threaded
  * process, so re-exec through unshare(1), which keeps the pid.
  */
 function enterPrivateMountNamespace(libc: Libc): void {

@@ -15,8 +15,7 @@ import {
   type Reply,
   salvageId,
 } from "./protocol.ts";
-import { BlksnapError } from "../engine/errors.ts";
-import { ErrnoError } from "../../ffi/errno.ts";
+import { BlksnapError, ERRNO, ErrnoError } from "../../ffi/errno.ts";
 
 /** What the server needs of the daemon (a fake in the unit tests). */
 export type DaemonApi = Pick<
@@ -37,7 +36,6 @@ export type DaemonApi = Pick<
   | "snapshotWaitEvent"
 >;
 
-export const DEFAULT_SOCKET_PATH = "/run/blksnap/control.sock";
 /** Connections served at once; more are closed at accept. */
 const MAX_CONNECTIONS = 256;
 
@@ -63,7 +61,11 @@ export class ControlServer {
     const dir = path.slice(0, path.lastIndexOf("/")) || "/";
     Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
     if (await isAlive(path)) {
-      throw new ErrnoError(`bind("${path}")`, 98, "another blksnap daemon is running");
+      throw new ErrnoError(
+        `bind("${path}")`,
+        ERRNO.EADDRINUSE,
+        "another blksnap daemon is running",
+      );
     }
     try {
       Deno.removeSync(path);
@@ -242,7 +244,7 @@ function errorReply(id: number, err: unknown): Reply {
   // A bug, not an operating error: say so loudly, keep serving.
   log(`internal error: ${err instanceof Error ? err.stack : String(err)}`);
   const message = `Internal error: ${err instanceof Error ? err.message : String(err)}`;
-  return { v: PROTOCOL_VERSION, id, ok: false, error: { code: "EIO", errno: 5, message } };
+  return { v: PROTOCOL_VERSION, id, ok: false, error: { code: "EIO", errno: ERRNO.EIO, message } };
 }
 
 async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {

@@ -1,6 +1,6 @@
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { ControlServer, type DaemonApi } from "./server.ts";
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError } from "../../ffi/errno.ts";
 import { Client, DaemonError } from "./client.ts";
 
 /** A daemon stand-in: records calls; attach of "/busy" fails like the real one. */

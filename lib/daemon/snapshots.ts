@@ -16,7 +16,7 @@
  * operation fails with no change of state.
  */
 import type { Libc } from "../../ffi/libc.ts";
-import { BlksnapError, ERRNO } from "../engine/errors.ts";
+import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { EventQueue, type SnapshotEvent } from "../engine/event_queue.ts";
 import type { Params } from "../engine/params.ts";
 import { CTL, CTL_F } from "../pipeline/device_ctl.ts";
@@ -26,7 +26,7 @@ import type { UblkControl } from "../ublk/control.ts";
 import { UblkDevice } from "../ublk/device.ts";
 import { Waker } from "../ublk/targets/waker.ts";
 import { EFD_CLOEXEC } from "../../ffi/libc.ts";
-import { openExclusive, splitDevT, ublkParams } from "./block_device.ts";
+import { identifyBlockDevice, openExclusive, ublkParams } from "./block_device.ts";
 import { freezeAll, thawAll } from "./freeze.ts";
 import type { DevicePipe } from "./pipe.ts";
 import { type OpenStorage, openStorage } from "./storage.ts";
@@ -539,15 +539,8 @@ export class Snapshots {
     try {
       for (const [, image] of snap.images) {
         try {
-          const { major, minor } = splitDevT(Deno.statSync(image.path).rdev ?? 0);
-          guards.push(
-            openExclusive(libc, {
-              path: image.path,
-              key: `${major}:${minor}`,
-              major,
-              minor,
-            }, "destroy the snapshot with image"),
-          );
+          const verb = "destroy the snapshot with image";
+          guards.push(openExclusive(libc, identifyBlockDevice(image.path, verb), verb));
         } catch (err) {
           if (!force) throw err;
         }

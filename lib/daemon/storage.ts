@@ -5,10 +5,9 @@
  * namespace, so a path is looked up in the requesting client's: through
  * /proc/PID/root.
  */
-import { ERRNO, ErrnoError, type ErrnoName } from "../../ffi/errno.ts";
+import { BlksnapError, ErrnoError } from "../../ffi/errno.ts";
 import { BLK, type Libc, LOCK, O } from "../../ffi/libc.ts";
-import { BlksnapError } from "../engine/errors.ts";
-import { deviceKey, splitDevT } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { STORAGE_KIND } from "../pipeline/storage_ctl.ts";
 
 export interface OpenStorage {
@@ -53,8 +52,10 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         `Cannot ${what} the difference storage "${path}": it is in use`,
       );
     }
-    const code = Object.hasOwn(ERRNO, err.code) ? err.code as ErrnoName : "EIO";
-    throw new BlksnapError(code, `Cannot ${what} the difference storage "${path}": ${err.message}`);
+    throw BlksnapError.fromErrno(
+      err,
+      `Cannot ${what} the difference storage "${path}": ${err.message}`,
+    );
   };
   if (info.isBlockDevice) {
     let fd = -1;
@@ -65,7 +66,7 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         fd,
         path,
         kind: STORAGE_KIND.BLOCKDEV,
-        deviceKey: deviceKey(splitDevT(info.rdev ?? 0)),
+        deviceKey: devTKey(info.rdev ?? 0),
         sizeBytes: size,
       };
     } catch (err) {
@@ -80,7 +81,7 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         fd,
         path,
         kind: STORAGE_KIND.TMPFILE,
-        deviceKey: deviceKey(splitDevT(info.dev)),
+        deviceKey: devTKey(info.dev),
         sizeBytes: 0,
       };
     } catch (err) {
@@ -102,7 +103,7 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
         fd,
         path,
         kind: STORAGE_KIND.FILE,
-        deviceKey: deviceKey(splitDevT(info.dev)),
+        deviceKey: devTKey(info.dev),
         sizeBytes: info.size,
       };
     } catch (err) {

@@ -87,12 +87,3 @@ export function assertSectorRange(sector: number, count: number, sizeSectors: nu
 export function assertSectorBuffer(buf: Uint8Array): void {
   assert(buf.length % SECTOR_SIZE === 0, `Buffer of ${buf.length} bytes is not whole sectors`);
 }
-
-/** Converts a Linux `dev_t` (as a JS number, e.g. from `Deno.stat`) to "MAJ:MIN". */
-export function devIdString(dev: number): string {
-  const high = Math.floor(dev / 2 ** 32);
-  const low = dev >>> 0;
-  const major = ((low >>> 8) & 0xfff) | ((high & 0xfffff000) >>> 0);
-  const minor = (low & 0xff) | ((((low >>> 12) | ((high & 0xfff) << 20)) & ~0xff) >>> 0);
-  return `${major >>> 0}:${minor >>> 0}`;
-}

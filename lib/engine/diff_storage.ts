@@ -33,7 +33,8 @@
  */
 
 import { Watchdog } from "./watchdog.ts";
-import { devIdString, type IoHooks, type IoRequest, SECTOR_SIZE } from "./block_device.ts";
+import { type IoHooks, type IoRequest, SECTOR_SIZE } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { assert, BlksnapError, toBlksnapError } from "./errors.ts";
 import type { SnapshotEvent } from "./event_queue.ts";
 import { preadSync, pwriteSync } from "./file_device.ts";
@@ -92,7 +93,7 @@ export async function openDiffStorageFile(
       kind: "blockdev",
       path,
       file,
-      deviceId: devIdString(info.rdev ?? 0),
+      deviceId: devTKey(info.rdev ?? 0),
       sizeBytes,
       options,
     });
@@ -110,7 +111,7 @@ export async function openDiffStorageFile(
       kind: "tmpfile",
       path,
       file,
-      deviceId: devIdString(info.dev),
+      deviceId: devTKey(info.dev),
       sizeBytes: 0,
       options,
     });
@@ -125,7 +126,7 @@ export async function openDiffStorageFile(
       kind: "file",
       path,
       file,
-      deviceId: devIdString(info.dev),
+      deviceId: devTKey(info.dev),
       sizeBytes: info.size,
       options,
     });

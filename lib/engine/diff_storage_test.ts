@@ -1,5 +1,5 @@
 import { assertEquals, assertErrno, assertTrue } from "./_assert.ts";
-import { devIdString } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { DiffStorage, openDiffStorageFile } from "./diff_storage.ts";
 import { BlksnapError } from "./errors.ts";
 import type { SnapshotEvent } from "./event_queue.ts";
@@ -42,7 +42,7 @@ Deno.test("A regular file is the storage exclusively: a second holder gets EBUSY
   await Deno.writeFile(path, new Uint8Array(0));
   const storage = await open(path, 1000);
   assertEquals(storage.kind, "file");
-  assertEquals(storage.deviceId, devIdString((await Deno.stat(path)).dev));
+  assertEquals(storage.deviceId, devTKey((await Deno.stat(path)).dev));
   await assertErrno(() => open(path, 1000), "EBUSY");
   await storage.close();
   const again = await open(path, 1000);

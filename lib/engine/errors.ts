@@ -4,36 +4,23 @@
  * Two kinds, never mixed:
  * - {@linkcode BlksnapError}: an operating error (bad request, device failure,
  *   overflow). It carries an errno name and number, the way the kernel module
- *   returns `-errno` from an ioctl, so the daemon can reply with it.
+ *   returns `-errno` from an ioctl, so the daemon can reply with it. It is
+ *   defined in ffi/errno.ts, below every layer, and re-exported here for the
+ *   engine's modules.
  * - {@linkcode AssertionError}: a broken invariant, that is a bug. It is
  *   thrown by {@linkcode assert} and must never be caught to carry on.
+ *
+ * ffi/errno.ts is the one module of ffi/ the engine imports: it is pure data
+ * and classes, loads no library and needs no --allow-ffi.
  *
  * @module
  */
 
-import { ERRNO, type ErrnoName } from "../errno.ts";
+import { BlksnapError, ERRNO, type ErrnoName } from "../../ffi/errno.ts";
 import { AssertionError } from "../assert.ts";
 
-export { ERRNO, type ErrnoName, errnoName } from "../errno.ts";
+export { BlksnapError, ERRNO, type ErrnoName, errnoName } from "../../ffi/errno.ts";
 export { assert, AssertionError } from "../assert.ts";
-
-/**
- * An operating error with an errno, e.g.
- * `new BlksnapError("ESRCH", "Snapshot 1234… not found")`.
- */
-export class BlksnapError extends Error {
-  /** The errno name, such as `"ENOSPC"` (like Node's `err.code`). */
-  readonly code: ErrnoName;
-  /** The positive errno number, such as 28. */
-  readonly errno: number;
-
-  constructor(code: ErrnoName, message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "BlksnapError";
-    this.code = code;
-    this.errno = ERRNO[code];
-  }
-}
 
 /**
  * Converts any error thrown by I/O into a {@linkcode BlksnapError}, keeping

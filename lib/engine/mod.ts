@@ -22,7 +22,6 @@ export {
   assertSectorBuffer,
   assertSectorRange,
   type BlockDevice,
-  devIdString,
   type IoHooks,
   type IoKind,
   type IoRequest,

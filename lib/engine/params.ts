@@ -1,5 +1,6 @@
 /**
- * The module parameters of blksnap (DESIGN.md §5), one typed object.
+ * The module parameters of blksnap (the kernel module's names and defaults;
+ * `blksnap daemon --help` lists them), one typed object.
  *
  * Each parameter is also a daemon option: {@linkcode PARAM_SPECS} maps the
  * kernel's name (`diff_storage_minimum`) to the key of {@linkcode Params}.

@@ -1,5 +1,5 @@
 import { assertEquals, assertErrno, assertTrue } from "./_assert.ts";
-import { devIdString } from "./block_device.ts";
+import { devTKey } from "../dev_t.ts";
 import { BlksnapError } from "./errors.ts";
 import { FileDevice } from "./file_device.ts";
 import { makeParams } from "./params.ts";
@@ -124,7 +124,7 @@ Deno.test("Snapshots.addDevice() errors: taken EBUSY, twice EALREADY, other snap
 Deno.test("A device holding the difference storage cannot join the snapshot", async () => {
   await using w = await world(1);
   const id = await w.snapshots.create({ diffStoragePath: w.dir, limitSectors: 1024 });
-  const holder = devIdString((await Deno.stat(w.dir)).dev);
+  const holder = devTKey((await Deno.stat(w.dir)).dev);
   const device = w.devices[0]!;
   const tracker = new Tracker({ device, params, aliases: [holder] });
   await assertErrno(() => w.snapshots.addDevice(id, tracker), "EBUSY");

@@ -4,13 +4,15 @@
  * GET_FEATURES).
  *
  * Runs on the daemon's main thread, which lives as long as the daemon: a control
- * command whose submitting thread exits can wedge that exit (research/ublk.md
+ * command whose submitting thread exits can wedge that exit (docs/ublk.md
  * §1.1). The kernel punts every control command to an io-wq worker, so submit
  * returns at once; completions are polled from the event loop, which keeps the
  * socket server responsive while START_DEV waits for the queues. Commands are
- * serialized: one is in flight at a time, and all share one C buffer.
+ * serialized: one is awaited at a time. Each has its own C buffer, kept until
+ * its CQE arrives (control_commands.ts), so the late answer of a command that
+ * timed out lands in its own buffer, never in the next command's data.
  */
-import { ErrnoError } from "../../ffi/errno.ts";
+import { ERRNO, ErrnoError } from "../../ffi/errno.ts";
 import type { Libc } from "../../ffi/libc.ts";
 import { O } from "../../ffi/libc.ts";
 import type { LiburingSymbols } from "../../ffi/liburing.ts";
@@ -27,7 +29,7 @@ import {
   type UblkCtrlCmdName,
 } from "../../ffi/ublk_abi.ts";
 import { addressOf, Ring } from "../uring/ring.ts";
-import { packUserData, UD_KIND } from "../uring/user_data.ts";
+import { ControlCommands } from "./control_commands.ts";
 
 export const UBLK_CONTROL_PATH = "/dev/ublk-control";
 
@@ -75,30 +77,39 @@ export function describeFeatures(flags: bigint): string[] {
   return UBLK_FEATURE_NAMES.filter(([bit]) => (flags & bit) !== 0n).map(([, name]) => name);
 }
 
+/** One command's payload: C memory the kernel reads and writes by address. */
+interface CtrlBuffer {
+  ptr: Deno.PointerObject;
+  address: number;
+  view: DataView;
+}
+
+/** Zeroed (alignedAlloc clears it), so each command starts from a clean payload. */
+function allocCtrlBuffer(libc: Libc): CtrlBuffer {
+  const ptr = libc.alignedAlloc(4096, CTRL_BUF_SIZE);
+  const view = new DataView(Deno.UnsafePointerView.getArrayBuffer(ptr, CTRL_BUF_SIZE));
+  return { ptr, address: addressOf(ptr), view };
+}
+
 export class UblkControl {
   readonly #libc: Libc;
   readonly #ring: Ring;
   readonly #fd: number;
-  readonly #buf: Deno.PointerObject;
-  readonly #bufAddress: number;
-  readonly #bufU8: Uint8Array;
-  readonly #bufView: DataView;
+  /** Each command's buffer and user_data, by user_data. */
+  readonly #commands: ControlCommands<CtrlBuffer>;
   #tail: Promise<unknown> = Promise.resolve();
   #useIoctl = true;
   #features = 0n;
   #closed = false;
-  /** Numbers commands, so a late answer to one that timed out is recognised and dropped. */
-  #seq = 0;
 
   private constructor(libc: Libc, ring: Ring, fd: number) {
     this.#libc = libc;
     this.#ring = ring;
     this.#fd = fd;
-    this.#buf = libc.alignedAlloc(4096, CTRL_BUF_SIZE);
-    this.#bufAddress = addressOf(this.#buf);
-    const ab = Deno.UnsafePointerView.getArrayBuffer(this.#buf, CTRL_BUF_SIZE);
-    this.#bufU8 = new Uint8Array(ab);
-    this.#bufView = new DataView(ab);
+    this.#commands = new ControlCommands({
+      alloc: () => allocCtrlBuffer(libc),
+      free: (b) => libc.free(b.ptr),
+    });
   }
 
   /** Opens /dev/ublk-control and learns which command encoding the kernel takes. */
@@ -147,20 +158,18 @@ export class UblkControl {
 
   async addDev(options: AddDevOptions): Promise<DevInfo> {
     const { queues, depth, maxIoBufBytes, flags } = options;
-    return await this.#exec("ADD_DEV", 0xffff_ffff, (v) => {
-      this.#bufU8.fill(0, 0, DEV_INFO.size);
+    return await this.#exec("ADD_DEV", 0xffff_ffff, ({ view: v }) => {
       v.setUint16(DEV_INFO.nrHwQueues, queues, true);
       v.setUint16(DEV_INFO.queueDepth, depth, true);
       v.setUint32(DEV_INFO.maxIoBufBytes, maxIoBufBytes, true);
       v.setUint32(DEV_INFO.devId, 0xffff_ffff, true);
       v.setBigUint64(DEV_INFO.flags, flags, true);
       return { len: DEV_INFO.size, addr: true };
-    }, () => this.#readDevInfo());
+    }, readDevInfo);
   }
 
   async setParams(devId: number, p: DeviceParams): Promise<void> {
-    await this.#exec("SET_PARAMS", devId, (v) => {
-      this.#bufU8.fill(0, 0, PARAMS.size);
+    await this.#exec("SET_PARAMS", devId, ({ view: v }) => {
       let types = UBLK_PARAM_TYPE.BASIC;
       let attrs = p.readOnly ? UBLK_ATTR.READ_ONLY : 0;
       if (p.writeCache) attrs |= UBLK_ATTR.VOLATILE_CACHE | UBLK_ATTR.FUA;
@@ -199,10 +208,12 @@ export class UblkControl {
   }
 
   async getDevInfo(devId: number): Promise<DevInfo> {
-    return await this.#exec("GET_DEV_INFO", devId, () => {
-      this.#bufU8.fill(0, 0, DEV_INFO.size);
-      return { len: DEV_INFO.size, addr: true };
-    }, () => this.#readDevInfo());
+    return await this.#exec(
+      "GET_DEV_INFO",
+      devId,
+      () => ({ len: DEV_INFO.size, addr: true }),
+      readDevInfo,
+    );
   }
 
   close(): void {
@@ -210,42 +221,34 @@ export class UblkControl {
     this.#closed = true;
     this.#ring.close();
     this.#libc.close(this.#fd);
-    this.#libc.free(this.#buf);
+    const leaked = this.#commands.close();
+    if (leaked > 0) {
+      console.error(
+        `blksnap: ${leaked} unanswered ublk command buffer(s) left allocated at close`,
+      );
+    }
   }
 
   async #getFeaturesRaw(): Promise<bigint> {
     return await this.#exec(
       "GET_FEATURES",
       0xffff_ffff,
-      () => {
-        this.#bufView.setBigUint64(0, 0n, true);
-        return { len: 8, addr: true };
-      },
-      () => this.#bufView.getBigUint64(0, true),
+      () => ({ len: 8, addr: true }),
+      ({ view }) => view.getBigUint64(0, true),
       10_000,
       true,
     );
   }
 
-  #readDevInfo(): DevInfo {
-    const v = this.#bufView;
-    return {
-      nrHwQueues: v.getUint16(DEV_INFO.nrHwQueues, true),
-      queueDepth: v.getUint16(DEV_INFO.queueDepth, true),
-      state: v.getUint16(DEV_INFO.state, true),
-      maxIoBufBytes: v.getUint32(DEV_INFO.maxIoBufBytes, true),
-      devId: v.getUint32(DEV_INFO.devId, true),
-      ublksrvPid: v.getInt32(DEV_INFO.ublksrvPid, true),
-      flags: v.getBigUint64(DEV_INFO.flags, true),
-    };
-  }
-
-  /** Runs one command after the previous one finished. */
+  /**
+   * Runs one command after the previous one finished, with a buffer of its
+   * own: zeroed, filled by `fill`, read by `result` once the kernel answered.
+   */
   #exec<T>(
     name: UblkCtrlCmdName,
     devId: number,
-    fill: (v: DataView) => { len?: number; addr?: boolean; data0?: number },
-    result: () => T,
+    fill: (b: CtrlBuffer) => { len?: number; addr?: boolean; data0?: number },
+    result: (b: CtrlBuffer) => T,
     timeoutMs = DEFAULT_TIMEOUT_MS,
     forceIoctl = false,
   ): Promise<T> {
@@ -253,28 +256,38 @@ export class UblkControl {
       if (this.#closed) throw new Error("ublk control is closed");
       const numbers = UBLK_CMD[name];
       const op = this.#useIoctl || forceIoctl ? numbers.ioctl : numbers.legacy;
-      if (op === null) throw new ErrnoError(`ublk ${name}`, 95, "kernel too old for this command");
-      const { len = 0, addr = false, data0 = 0 } = fill(this.#bufView);
-      const ring = this.#ring;
-      const off = ring.sqe();
-      ring.sqeU8[off + SQE.opcode] = IORING_OP.URING_CMD;
-      ring.sqeI32[(off + SQE.fd) >> 2] = this.#fd;
-      ring.sqeU32[(off + SQE.cmdOp) >> 2] = op >>> 0;
-      this.#seq = (this.#seq + 1) & 0xffff;
-      const ud = packUserData(UD_KIND.CTRL, this.#seq);
-      ring.sqeU32[(off + SQE.userData) >> 2] = ud;
-      const cmd = off + SQE.cmd;
-      ring.sqeU32[(cmd + CTRL_CMD.devId) >> 2] = devId >>> 0;
-      ring.sqeU8[cmd + CTRL_CMD.queueId] = 0xff;
-      ring.sqeU8[cmd + CTRL_CMD.queueId + 1] = 0xff;
-      ring.sqeU8[cmd + CTRL_CMD.len] = len & 0xff;
-      ring.sqeU8[cmd + CTRL_CMD.len + 1] = len >> 8;
-      if (addr) ring.setU64(cmd + CTRL_CMD.addr, this.#bufAddress);
-      ring.setU64(cmd + CTRL_CMD.data0, data0);
-      ring.submit();
-      const res = await this.#awaitCompletion(ud, timeoutMs, name);
-      if (res < 0) throw new ErrnoError(`ublk ${name}(dev ${devId})`, -res);
-      return result();
+      if (op === null) {
+        throw new ErrnoError(`ublk ${name}`, ERRNO.EOPNOTSUPP, "kernel too old for this command");
+      }
+      const { userData: ud, buffer } = this.#commands.begin();
+      let inKernel = false;
+      try {
+        const { len = 0, addr = false, data0 = 0 } = fill(buffer);
+        const ring = this.#ring;
+        const off = ring.sqe();
+        ring.sqeU8[off + SQE.opcode] = IORING_OP.URING_CMD;
+        ring.sqeI32[(off + SQE.fd) >> 2] = this.#fd;
+        ring.sqeU32[(off + SQE.cmdOp) >> 2] = op >>> 0;
+        ring.sqeU32[(off + SQE.userData) >> 2] = ud;
+        const cmd = off + SQE.cmd;
+        ring.sqeU32[(cmd + CTRL_CMD.devId) >> 2] = devId >>> 0;
+        ring.sqeU8[cmd + CTRL_CMD.queueId] = 0xff;
+        ring.sqeU8[cmd + CTRL_CMD.queueId + 1] = 0xff;
+        ring.sqeU8[cmd + CTRL_CMD.len] = len & 0xff;
+        ring.sqeU8[cmd + CTRL_CMD.len + 1] = len >> 8;
+        if (addr) ring.setU64(cmd + CTRL_CMD.addr, buffer.address);
+        ring.setU64(cmd + CTRL_CMD.data0, data0);
+        // From here the kernel may hold the buffer, whatever submit() says.
+        inKernel = true;
+        ring.submit();
+        const res = await this.#awaitCompletion(ud, timeoutMs, name);
+        if (res < 0) throw new ErrnoError(`ublk ${name}(dev ${devId})`, -res);
+        return result(buffer);
+      } finally {
+        // Unanswered (timeout, failed submit): kept until its answer comes.
+        if (inKernel && this.#commands.result(ud) === undefined) this.#commands.abandon(ud);
+        else this.#commands.finish(ud);
+      }
     };
     const p = this.#tail.then(run, run);
     this.#tail = p.catch(() => undefined);
@@ -286,18 +299,38 @@ export class UblkControl {
     let pollMs = POLL_MIN_MS;
     for (;;) {
       this.#ring.getEvents();
-      let res: number | undefined;
       this.#ring.drain((userData, r) => {
-        if (userData === ud) res = r;
-        else console.error(`blksnap: late answer ${r} to a timed-out ublk command dropped`);
+        const what = this.#commands.answer(userData, r);
+        if (what === "late") {
+          console.error(`blksnap: late answer ${r} to a timed-out ublk command dropped`);
+        } else if (what === "unknown") {
+          console.error(`blksnap: answer ${r} to an unknown ublk command ${userData} dropped`);
+        }
       });
+      const res = this.#commands.result(ud);
       if (res !== undefined) return res;
       if (performance.now() > deadline) {
-        // The command stays queued in the kernel; its answer is dropped when it comes.
-        throw new ErrnoError(`ublk ${name}`, 110, `no answer from the kernel in ${timeoutMs} ms`);
+        // The command stays queued in the kernel, and so does its buffer.
+        throw new ErrnoError(
+          `ublk ${name}`,
+          ERRNO.ETIMEDOUT,
+          `no answer from the kernel in ${timeoutMs} ms`,
+        );
       }
       await new Promise((r) => setTimeout(r, pollMs));
       pollMs = Math.min(pollMs * 2, POLL_MAX_MS);
     }
   }
+}
+
+function readDevInfo({ view: v }: CtrlBuffer): DevInfo {
+  return {
+    nrHwQueues: v.getUint16(DEV_INFO.nrHwQueues, true),
+    queueDepth: v.getUint16(DEV_INFO.queueDepth, true),
+    state: v.getUint16(DEV_INFO.state, true),
+    maxIoBufBytes: v.getUint32(DEV_INFO.maxIoBufBytes, true),
+    devId: v.getUint32(DEV_INFO.devId, true),
+    ublksrvPid: v.getInt32(DEV_INFO.ublksrvPid, true),
+    flags: v.getBigUint64(DEV_INFO.flags, true),
+  };
 }

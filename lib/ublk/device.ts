@@ -3,7 +3,7 @@
  * SET_PARAMS, served by one queue worker per hardware queue, started with
  * START_DEV, and removed with STOP_DEV + DEL_DEV.
  */
-import { ErrnoError } from "../../ffi/errno.ts";
+import { ERRNO, ErrnoError } from "../../ffi/errno.ts";
 import type { Libc } from "../../ffi/libc.ts";
 import { O } from "../../ffi/libc.ts";
 import { UBLK_F } from "../../ffi/ublk_abi.ts";
@@ -49,7 +49,10 @@ function delay(ms: number): Promise<void> {
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new ErrnoError(what, 110, `no answer in ${ms} ms`)), ms);
+    timer = setTimeout(
+      () => reject(new ErrnoError(what, ERRNO.ETIMEDOUT, `no answer in ${ms} ms`)),
+      ms,
+    );
   });
   return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }
@@ -270,7 +273,7 @@ async function waitForPath(path: string): Promise<void> {
       // not there yet
     }
     if (performance.now() > deadline) {
-      throw new ErrnoError(`stat("${path}")`, 2, "the block device node did not appear");
+      throw new ErrnoError(`stat("${path}")`, ERRNO.ENOENT, "the block device node did not appear");
     }
     await delay(10);
   }

@@ -91,7 +91,7 @@ export function runQueueWorker(self: Worker): void {
     } catch (err) {
       // Close the ring: io_uring cancels the queue's outstanding commands, so the
       // kernel fails or requeues its requests and STOP_DEV can finish. A ring left
-      // open would hold them for ever (research/ublk.md §0.7).
+      // open would hold them for ever (docs/ublk.md §3).
       try {
         queue?.close();
       } catch (closeErr) {

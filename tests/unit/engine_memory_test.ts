@@ -1,10 +1,10 @@
 /**
  * The engine's memory for a 1 TiB device, measured (see
- * lib/engine/memory_figures.ts): it grows with what was written, not with
+ * tests/unit/_memory_figures.ts): it grows with what was written, not with
  * the size of the device.
  */
 
-import { formatFigures, measureMemory } from "../../lib/engine/memory_figures.ts";
+import { formatFigures, measureMemory } from "./_memory_figures.ts";
 import { assertEquals, assertTrue } from "../../lib/engine/_assert.ts";
 
 const MiB = 2 ** 20;

@@ -9,15 +9,15 @@
  * measured: the bytes of the SharedArrayBuffers it allocated (CBT maps,
  * chunk table, buffer pool), and the JS heap and RSS deltas.
  *
- *     deno run --v8-flags=--expose-gc lib/engine/memory_figures.ts
+ *     deno run --v8-flags=--expose-gc tests/unit/_memory_figures.ts
  *
  * @module
  */
 
-import { DEFAULT_PARAMS } from "./params.ts";
-import { Snapshots } from "./snapshot.ts";
-import { Tracker } from "./tracker.ts";
-import { MemoryDiffStorageFile, NullDevice, Rng } from "./_test_util.ts";
+import { DEFAULT_PARAMS } from "../../lib/engine/params.ts";
+import { Snapshots } from "../../lib/engine/snapshot.ts";
+import { Tracker } from "../../lib/engine/tracker.ts";
+import { MemoryDiffStorageFile, NullDevice, Rng } from "../../lib/engine/_test_util.ts";
 
 /** One measurement. */
 export interface MemoryFigure {
