@@ -1,7 +1,7 @@
 /**
  * io_uring kernel ABI (linux/io_uring.h) and liburing 2.3's `struct io_uring`
  * layout on x86-64. Offsets were taken with offsetof() against the installed
- * headers (see shared/research/ublk.md §6.1); lib/uring/ring.ts checks them
+ * headers (docs/ublk.md §6); lib/uring/ring.ts checks them
  * against a live ring once at start-up.
  */
 

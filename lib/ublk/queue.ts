@@ -12,6 +12,7 @@
  * outstanding command with -ENODEV: ENDED. The loop returns when every tag
  * has ended and no target I/O is in flight.
  */
+import { ERRNO } from "../../ffi/errno.ts";
 import type { Libc } from "../../ffi/libc.ts";
 import { PR_SET_IO_FLUSHER, PROT } from "../../ffi/libc.ts";
 import type { LiburingSymbols } from "../../ffi/liburing.ts";
@@ -133,7 +134,7 @@ export class UblkQueue implements QueueContext {
     this.maxIoBufBytes = opts.maxIoBufBytes;
     assert(opts.maxIoBufBytes % PAGE === 0, "max_io_buf_bytes must be page-aligned");
 
-    // Keep memory reclaim from recursing into this device (research/ublk.md §5).
+    // Keep memory reclaim from recursing into this device (docs/ublk.md §3).
     libc.check(libc.sym.prctl(PR_SET_IO_FLUSHER, 1n, 0n, 0n, 0n), "prctl(PR_SET_IO_FLUSHER)");
 
     this.#descBytes = Math.ceil((opts.depth * IO_DESC.size) / PAGE) * PAGE;
@@ -165,7 +166,7 @@ export class UblkQueue implements QueueContext {
       entries,
       cqEntries: entries * 2,
       // DEFER_TASKRUN measured no better here, and with it a queue thread that
-      // stops entering the ring wedges STOP_DEV (research/ublk.md §0.7).
+      // stops entering the ring wedges STOP_DEV (docs/ublk.md §3).
       flags: IORING_SETUP.COOP_TASKRUN | IORING_SETUP.SINGLE_ISSUER,
     });
     // Fixed files spare the kernel an fd lookup and refcount per SQE (a few
@@ -306,7 +307,7 @@ export class UblkQueue implements QueueContext {
       this.#targetInflight--;
       this.#finish(tag, this.#target.onCompletion(this, tag, udSub(userData), res));
     } else if (kind === UD_KIND.WAKE) {
-      if (res < 0 && res !== -4 && res !== -11) {
+      if (res < 0 && res !== -ERRNO.EINTR && res !== -ERRNO.EAGAIN) {
         unreachable(`wake eventfd read failed with ${res} on queue ${this.qId}`);
       }
       // Not while the device stops: the armed read would outlive the last tag.

@@ -10,7 +10,7 @@
  *
  * Thread rule: a Ring belongs to the thread (Worker) that created it.
  */
-import { ErrnoError } from "../../ffi/errno.ts";
+import { ERRNO, ErrnoError } from "../../ffi/errno.ts";
 import type { Libc } from "../../ffi/libc.ts";
 import type { LiburingSymbols } from "../../ffi/liburing.ts";
 import { CQE, IORING_OP, IORING_SETUP, PARAMS, RING, SQE } from "../../ffi/uring_abi.ts";
@@ -254,7 +254,7 @@ export class Ring {
   /** Submits claimed SQEs; returns how many the kernel took. */
   submit(): number {
     const rc = this.#uring.io_uring_submit(this.ptr);
-    if (rc < 0 && rc !== -4) throw new ErrnoError("io_uring_submit", -rc);
+    if (rc < 0 && rc !== -ERRNO.EINTR) throw new ErrnoError("io_uring_submit", -rc);
     return Math.max(rc, 0);
   }
 
@@ -265,7 +265,7 @@ export class Ring {
    */
   submitAndWait(waitNr: number): number {
     const rc = this.#uring.io_uring_submit_and_wait(this.ptr, waitNr);
-    if (rc < 0 && rc !== -4 && rc !== -11 && rc !== -16) {
+    if (rc < 0 && rc !== -ERRNO.EINTR && rc !== -ERRNO.EAGAIN && rc !== -ERRNO.EBUSY) {
       throw new ErrnoError("io_uring_submit_and_wait", -rc);
     }
     return Math.max(rc, 0);
@@ -285,7 +285,7 @@ export class Ring {
       this.#waitTs,
       null,
     );
-    if (rc === -62 || rc === -4) return false; // ETIME, EINTR
+    if (rc === -ERRNO.ETIME || rc === -ERRNO.EINTR) return false;
     if (rc < 0) throw new ErrnoError("io_uring_submit_and_wait_timeout", -rc);
     return true;
   }
@@ -293,7 +293,9 @@ export class Ring {
   /** Runs pending task work so completions appear without blocking. */
   getEvents(): void {
     const rc = this.#uring.io_uring_get_events(this.ptr);
-    if (rc < 0 && rc !== -4 && rc !== -11) throw new ErrnoError("io_uring_get_events", -rc);
+    if (rc < 0 && rc !== -ERRNO.EINTR && rc !== -ERRNO.EAGAIN) {
+      throw new ErrnoError("io_uring_get_events", -rc);
+    }
   }
 
   /** Completions ready in the CQ. */
