@@ -30,6 +30,8 @@
  * Environment: BLKSNAP_BENCH_RUNTIME (seconds per fio run, default 6),
  * BLKSNAP_BENCH_REPEATS (default 3), BLKSNAP_BENCH_PARTS (default "ABC"),
  * BLKSNAP_BENCH_ONLY_A (a regular expression: the part A workloads to run),
+ * BLKSNAP_BENCH_VARIANT (NAME=VALUE,...: a second tracked device in part A
+ * whose daemon gets these variables, reported as variant/tracked),
  * BLKSNAP_DAEMON_ARGS (passed to the daemon the CLI starts).
  */
 const ROOT = new URL("../", import.meta.url).pathname;
@@ -39,6 +41,19 @@ const REPEATS = Number(Deno.env.get("BLKSNAP_BENCH_REPEATS") ?? "3");
 const PARTS = (Deno.env.get("BLKSNAP_BENCH_PARTS") ?? "ABC").toUpperCase();
 /** Part A runs only the workloads whose names match (e.g. "4k"; default: all). */
 const ONLY_A = new RegExp(Deno.env.get("BLKSNAP_BENCH_ONLY_A") ?? "");
+/**
+ * Part A also runs a "variant" tracked device, served by a second daemon whose
+ * environment adds these NAME=VALUE pairs (comma-separated, e.g.
+ * "BLKSNAP_FIXED_BUFFERS=0"), over a loop device of its own: the effect of a
+ * setting, measured in the same run against "tracked" (variant/tracked).
+ */
+const VARIANT_ENV: Record<string, string> = Object.fromEntries(
+  (Deno.env.get("BLKSNAP_BENCH_VARIANT") ?? "").split(",").filter((kv) => kv.includes("=")).map(
+    (kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)],
+  ),
+);
+const VARIANT = Object.keys(VARIANT_ENV).length > 0;
+const VARIANT_SOCKET = "/run/blksnap-bench-variant.sock";
 const SIZE_MIB = 1024;
 const SIZE = SIZE_MIB << 20;
 const CHUNK = 256 << 10;
@@ -148,6 +163,12 @@ async function run(
 const blksnap = (...args: string[]) =>
   run(Deno.execPath(), ["run", "-A", "--quiet", `${ROOT}main.ts`, ...args], {
     env: { BLKSNAP_SOCKET: SOCKET },
+  });
+
+/** The CLI of the variant daemon (BLKSNAP_BENCH_VARIANT). */
+const blksnapVariant = (...args: string[]) =>
+  run(Deno.execPath(), ["run", "-A", "--quiet", `${ROOT}main.ts`, ...args], {
+    env: { ...VARIANT_ENV, BLKSNAP_SOCKET: VARIANT_SOCKET },
   });
 
 // ---------------------------------------------------------------------------
@@ -887,11 +908,22 @@ async function main(): Promise<number> {
         refNote = `; ublk-ref: not available (${e instanceof Error ? e.message : e})`;
         console.log(`ublk-ref: not available (${e instanceof Error ? e.message : e})`);
       }
+      let variant: { loop: { dev: string; file: string }; tracked: string } | undefined;
+      if (VARIANT) {
+        const vloop = await makeLoop("variant", false);
+        await fill(vloop.dev);
+        variant = { loop: vloop, tracked: await blksnapVariant("attach", "--device", vloop.dev) };
+        console.log(
+          `variant: ${variant.tracked} over ${vloop.dev}, env ${JSON.stringify(VARIANT_ENV)}`,
+        );
+        await warmUp(variant.tracked);
+      }
       const stacks: Array<[string, string]> = [
         ["raw", loop.dev],
         ["dm-linear", dmLinear],
         ...(ref ? [["ublk-ref", ref.dev] as [string, string]] : []),
         ["tracked", tracked],
+        ...(variant ? [["variant", variant.tracked] as [string, string]] : []),
       ];
       if (ref) await warmUp(ref.dev);
       const workloads = [JOBS.randRead, JOBS.randWrite, JOBS.seqRead, JOBS.seqWrite];
@@ -922,6 +954,8 @@ async function main(): Promise<number> {
             "tracked/raw": ["tracked", "raw"],
             "dm-linear/raw": ["dm-linear", "raw"],
             "ublk-ref/raw": ["ublk-ref", "raw"],
+            "variant/tracked": ["variant", "tracked"],
+            "variant/ublk-ref": ["variant", "ublk-ref"],
           },
           (after.requests - before.requests) / Math.max(1, after.enters - before.enters),
         ));
@@ -929,6 +963,16 @@ async function main(): Promise<number> {
       if (ref) {
         await ref.stop().catch((e) => fail("stopping ublk-ref", e, false));
         ref = undefined;
+      }
+      if (variant) {
+        await blksnapVariant("detach", "--device", variant.loop.dev).catch((e) =>
+          fail("variant detach", e, false)
+        );
+        const st = JSON.parse(await blksnapVariant("status", "--json"));
+        if (st.pid) Deno.kill(st.pid, "SIGTERM");
+        await sleep(1000);
+        await run("losetup", ["-d", variant.loop.dev]).catch(() => {});
+        await Deno.remove(variant.loop.file).catch(() => {});
       }
     }
 
@@ -993,6 +1037,20 @@ async function main(): Promise<number> {
     }; QEMU/TCG: only ratios mean anything\n`;
   console.log(header);
   if (linesA.length) console.log(tableA(linesA, refNote) + "\n");
+  if (VARIANT && linesA.length) {
+    console.log(
+      `Variant (env ${
+        JSON.stringify(VARIANT_ENV)
+      }):\n\n| workload | tracked | variant | variant/tracked | variant/ublk-ref | CPU µs/IO tracked / variant |\n|---|---:|---:|---:|---:|---:|\n` +
+        linesA.map((l) =>
+          `| ${l.workload} | ${cell(l.stacks.tracked, l.workload)} | ${
+            cell(l.stacks.variant, l.workload)
+          } | ${r2(l.ratios["variant/tracked"])} | ${r2(l.ratios["variant/ublk-ref"])} | ${
+            cpu(l, ["tracked", "variant"])
+          } |`
+        ).join("\n") + "\n",
+    );
+  }
   if (linesB.length) console.log(tableB(linesB) + "\n");
   if (linesC.length) console.log(tableC(linesC) + "\n");
   if (notes.length) console.log(`notes:\n${notes.map((n) => `  ${n}`).join("\n")}\n`);
