@@ -19,11 +19,30 @@ import {
   splitDevT,
   ublkParams,
 } from "./block_device.ts";
-import { type ArgsOf, PROTOCOL_VERSION, type SectorRange, type TrackedInfo } from "./protocol.ts";
+import {
+  type ArgsOf,
+  PROTOCOL_VERSION,
+  type RecoveryReport,
+  type SectorRange,
+  type TrackedInfo,
+} from "./protocol.ts";
 import { BlksnapError, ERRNO } from "../engine/errors.ts";
 import { DevicePipe } from "./pipe.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
 import { Buffer } from "node:buffer";
+import { UBLK_DEV_STATE, UBLK_F } from "../../ffi/ublk_abi.ts";
+import { ErrnoError } from "../../ffi/errno.ts";
+import { decodeOwnerTag, encodeOwnerTag } from "./owner_tag.ts";
+import {
+  besideSocket,
+  type DaemonState,
+  type DeviceEntry,
+  emptyState,
+  moveAside,
+  readStateFile,
+  type TrackedEntry,
+  writeStateFile,
+} from "./state_file.ts";
 
 export interface DaemonOptions {
   params: Params;
@@ -31,6 +50,8 @@ export interface DaemonOptions {
   queueDepth: number;
   maxIoBufBytes: number;
   socketPath: string;
+  /** Default: beside the socket (`control.state` for `control.sock`). */
+  statePath?: string;
 }
 
 export const DEFAULT_DAEMON_OPTIONS: Omit<DaemonOptions, "socketPath" | "params"> = {
@@ -45,6 +66,8 @@ interface Tracked extends SnapshotDevice {
   detaching: boolean;
 }
 
+type Unrecovered = RecoveryReport["unrecovered"][number];
+
 export class Daemon {
   readonly options: DaemonOptions;
   readonly #libc: Libc;
@@ -58,11 +81,27 @@ export class Daemon {
   /** Attaches, detaches and removals under way; shutdown waits for them. */
   readonly #inflight = new Set<Promise<unknown>>();
   readonly snapshots: Snapshots;
+  /** The state file (state_file.ts): rewritten at every change of the devices. */
+  readonly statePath: string;
+  /** Devices between ADD_DEV and the end of their attach, by ublk id. */
+  readonly #starting = new Map<number, TrackedEntry>();
+  /** Devices an earlier daemon left that this one could not take over, by ublk id. */
+  readonly #unrecovered = new Map<number, { entry: TrackedEntry; report: Unrecovered }>();
+  #recovery: RecoveryReport = {
+    stateFile: "",
+    stateFileError: null,
+    previousPid: 0,
+    recovered: [],
+    unrecovered: [],
+    removed: [],
+    lostSnapshots: [],
+  };
 
   private constructor(libc: Libc, ctrl: UblkControl, options: DaemonOptions) {
     this.#libc = libc;
     this.#ctrl = ctrl;
     this.options = options;
+    this.statePath = options.statePath ?? besideSocket(options.socketPath, "state");
     this.snapshots = new Snapshots({
       libc,
       ctrl,
@@ -147,11 +186,19 @@ export class Daemon {
   snapshotAdd(args: ArgsOf<"snapshot_add">) {
     return this.snapshots.add(args.id, args.device);
   }
-  snapshotTake(id: string) {
-    return this.snapshots.take(id);
+  async snapshotTake(id: string) {
+    try {
+      return await this.snapshots.take(id);
+    } finally {
+      this.#saveState();
+    }
   }
-  snapshotDestroy(id: string) {
-    return this.snapshots.destroy(id);
+  async snapshotDestroy(id: string) {
+    try {
+      return await this.snapshots.destroy(id);
+    } finally {
+      this.#saveState();
+    }
   }
   snapshotCollect() {
     return this.snapshots.collect();
@@ -190,6 +237,8 @@ export class Daemon {
     const ours = new Set([
       ...[...this.#tracked.values()].map((t) => t.info.ublkId),
       ...this.snapshots.ublkIds(),
+      ...this.#starting.keys(),
+      ...this.#unrecovered.keys(),
     ]);
     const ids: number[] = [];
     try {
@@ -223,6 +272,10 @@ export class Daemon {
     return {
       ...this.version(),
       foreignDevices: await this.foreignDevices(),
+      recovery: {
+        ...this.#recovery,
+        unrecovered: [...this.#unrecovered.values()].map((u) => u.report),
+      },
       startedAt: this.startedAt.toISOString(),
       socket: this.options.socketPath,
       params: this.options.params,
@@ -286,6 +339,12 @@ export class Daemon {
       throw new BlksnapError("EALREADY", `Cannot attach "${path}": an attach of it is in progress`);
     }
     this.#attaching.add(id.key);
+    try {
+      await this.#refuseSecondDevice(path, id.key);
+    } catch (err) {
+      this.#attaching.delete(id.key);
+      throw err;
+    }
     let fd = -1;
     let device: UblkDevice | undefined;
     let pipe: DevicePipe | undefined;
@@ -307,6 +366,29 @@ export class Daemon {
         target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
         recovery: true,
         onFatal: (message) => this.#onQueueFatal(id.key, message),
+        ownerTag: encodeOwnerTag({ role: "tracked", originalDevice: id.key }),
+        // Recorded before START_DEV: a daemon killed from here on leaves a
+        // device the next one must find.
+        onAdded: (devId) => {
+          this.#starting.set(devId, {
+            role: "tracked",
+            ublkId: devId,
+            original: path,
+            originalDevice: id.key,
+            tracked: `/dev/ublkb${devId}`,
+            trackedDevice: "",
+            sizeBytes: geo.sizeBytes,
+            logicalBlockSize: geo.logicalBlockSize,
+            physicalBlockSize: geo.physicalBlockSize,
+            queues: this.options.queues,
+            queueDepth: this.options.queueDepth,
+            maxIoBufBytes: this.options.maxIoBufBytes,
+            phase: "starting",
+            cbtGenerationId: pipe!.cbt.generationId,
+            attachedAt: new Date().toISOString(),
+          });
+          this.#saveState();
+        },
       });
       const trackedRdev = Deno.statSync(device.blockPath).rdev ?? 0;
       const info: TrackedInfo = {
@@ -338,6 +420,8 @@ export class Daemon {
         pipe,
         snapshotId: null,
       });
+      this.#starting.delete(info.ublkId);
+      this.#saveState();
       fd = -1;
       device = undefined;
       pipe = undefined;
@@ -355,6 +439,10 @@ export class Daemon {
       pipe?.close();
       throw err;
     } finally {
+      for (const [devId, e] of this.#starting) {
+        if (e.originalDevice === id.key) this.#starting.delete(devId);
+      }
+      this.#saveState();
       this.#attaching.delete(id.key);
       if (fd >= 0) this.#libc.close(fd);
     }
@@ -413,7 +501,11 @@ export class Daemon {
     // Parked writes must go before STOP_DEV can complete.
     t.pipe.ctl.openGate();
     t.pipe.stopCow();
-    await t.device.destroy(afterStop);
+    try {
+      await t.device.destroy(afterStop);
+    } finally {
+      this.#saveState();
+    }
     // Only once every queue has exited: a queue still using the number would
     // write into whatever file reuses it.
     this.#libc.close(t.originalFd);
@@ -427,6 +519,355 @@ export class Daemon {
     t.detaching = true;
     log(`stopping ${t.info.tracked}: a queue of it failed; I/O to it now fails`);
     this.#track(this.#remove(t)).catch((err) => log(`removing ${t.info.tracked} failed: ${err}`));
+  }
+
+  /** What the state file must say now: every device this daemon serves or left unrecovered. */
+  #currentState(): DaemonState {
+    const state = emptyState();
+    const devices: DeviceEntry[] = [];
+    for (const t of this.#tracked.values()) {
+      devices.push({
+        role: "tracked",
+        ublkId: t.info.ublkId,
+        original: t.info.original,
+        originalDevice: t.info.originalDevice,
+        tracked: t.info.tracked,
+        trackedDevice: t.info.trackedDevice,
+        sizeBytes: t.info.sizeBytes,
+        logicalBlockSize: t.info.logicalBlockSize,
+        physicalBlockSize: t.info.physicalBlockSize,
+        queues: t.info.queues,
+        queueDepth: t.info.queueDepth,
+        maxIoBufBytes: t.device.info.maxIoBufBytes,
+        phase: "live",
+        cbtGenerationId: t.pipe.cbt.generationId,
+        attachedAt: t.info.attachedAt,
+      });
+    }
+    for (const e of this.#starting.values()) devices.push(e);
+    for (const u of this.#unrecovered.values()) devices.push(u.entry);
+    const byTracked = new Map([...this.#tracked.values()].map((t) => [t.info.tracked, t]));
+    const snaps = this.snapshots.status();
+    for (const sn of snaps) {
+      for (const d of sn.devices) {
+        const m = d.image ? /^\/dev\/ublkb(\d+)$/.exec(d.image) : null;
+        const t = byTracked.get(d.tracked);
+        if (!m || !t) continue;
+        devices.push({
+          role: "image",
+          ublkId: Number(m[1]),
+          originalDevice: t.info.originalDevice,
+          snapshotId: sn.id,
+        });
+      }
+    }
+    const seen = new Set<number>();
+    state.devices = devices.filter((d) => !seen.has(d.ublkId) && seen.add(d.ublkId));
+    state.snapshots = snaps.map((sn) => ({
+      id: sn.id,
+      devices: sn.devices.map((d) => d.original),
+      storage: sn.storage.path,
+      taken: sn.taken,
+    }));
+    return state;
+  }
+
+  /**
+   * Rewrites the state file. A failure is logged, never thrown: the devices
+   * still work, and their owner tags keep an original from a second device.
+   */
+  #saveState(): void {
+    try {
+      writeStateFile(this.statePath, this.#currentState());
+    } catch (err) {
+      log(`warning: ${err instanceof Error ? err.message : err}`);
+    }
+  }
+
+  /**
+   * Refuses an attach of an original that already backs a ublk device this
+   * daemon does not serve: one a dead daemon left (quiesced), or one another
+   * daemon serves. The owner tag in each device's ublksrv_flags decides, so
+   * this holds without the state file too.
+   */
+  async #refuseSecondDevice(path: string, key: string): Promise<void> {
+    for (const u of this.#unrecovered.values()) {
+      if (u.entry.originalDevice === key) {
+        throw new BlksnapError(
+          "EBUSY",
+          `Cannot attach "${path}": it already backs ${u.report.tracked}, left by a daemon that died (${u.report.reason}); ${u.report.hint}`,
+        );
+      }
+    }
+    const ours = new Set([...this.#tracked.values()].map((t) => t.info.ublkId));
+    for (const devId of listUblkIds()) {
+      if (ours.has(devId) || this.#starting.has(devId)) continue;
+      let info;
+      try {
+        info = await this.#ctrl.getDevInfo(devId);
+      } catch {
+        continue; // gone meanwhile
+      }
+      const tag = decodeOwnerTag(info.ublksrvFlags);
+      if (!tag || tag.role !== "tracked" || tag.originalDevice !== key) continue;
+      const state = stateName(info.state);
+      const alive = info.state === UBLK_DEV_STATE.LIVE && pidAlive(info.ublksrvPid);
+      throw new BlksnapError(
+        "EBUSY",
+        alive
+          ? `Cannot attach "${path}": it is already tracked as /dev/ublkb${devId} by another blksnap daemon (pid ${info.ublksrvPid}); use that daemon's socket`
+          : `Cannot attach "${path}": it already backs /dev/ublkb${devId} (${state}), left by a blksnap daemon that died; restart the daemon that owns it (its state file names it) or run "blksnap status" to see what is left`,
+      );
+    }
+  }
+
+  /**
+   * Takes over what the daemon before this one left, as its state file says:
+   * every quiesced tracked device is recovered (its waiting I/O resumes, with
+   * a new CBT map: the old one did not survive), every snapshot image is
+   * deleted (snapshots are not persistent) and every snapshot is reported
+   * lost. A device that cannot be recovered is left as it is and reported.
+   * Runs before the socket serves, after the daemon lock is taken.
+   */
+  async recoverPrevious(): Promise<RecoveryReport> {
+    const report = this.#recovery;
+    report.stateFile = this.statePath;
+    let state: DaemonState | null = null;
+    try {
+      state = readStateFile(this.statePath);
+    } catch (err) {
+      const aside = moveAside(this.statePath);
+      report.stateFileError = `${err instanceof Error ? err.message : err}${
+        aside ? ` (moved to ${aside})` : ""
+      }`;
+      log(`warning: ${report.stateFileError}; devices it named are not recovered`);
+    }
+    if (state) {
+      report.previousPid = state.pid;
+      const imagesOf = new Map<string, number[]>();
+      for (const e of state.devices) {
+        if (e.role !== "image") continue;
+        imagesOf.set(e.snapshotId, [...(imagesOf.get(e.snapshotId) ?? []), e.ublkId]);
+        await this.#removeImage(e.ublkId, e.originalDevice, e.snapshotId);
+      }
+      for (const sn of state.snapshots) {
+        const reason =
+          `the daemon that held it (pid ${state.pid}) stopped without destroying it; ` +
+          `its copy-on-write state is lost, its images are removed and its difference storage released`;
+        report.lostSnapshots.push({ id: sn.id, devices: sn.devices, storage: sn.storage, reason });
+        log(`snapshot ${sn.id} (${sn.devices.join(", ")}) is corrupted: ${reason}`);
+      }
+      for (const e of state.devices) {
+        if (e.role === "tracked") await this.#recoverTracked(e);
+      }
+    }
+    await this.#removeOrphanImages();
+    this.#saveState();
+    return report;
+  }
+
+  async #removeImage(devId: number, originalDevice: string, snapshotId: string): Promise<void> {
+    let info;
+    try {
+      info = await this.#ctrl.getDevInfo(devId);
+    } catch {
+      return; // already gone
+    }
+    const tag = decodeOwnerTag(info.ublksrvFlags);
+    if (!tag || tag.role !== "image" || tag.originalDevice !== originalDevice) return;
+    if (info.state === UBLK_DEV_STATE.LIVE && pidAlive(info.ublksrvPid)) return;
+    await this.#deleteLeftDevice(devId, "image", originalDevice, `image of snapshot ${snapshotId}`);
+  }
+
+  /** Images a killed daemon made after it last wrote the state file: its tag says whose. */
+  async #removeOrphanImages(): Promise<void> {
+    for (const devId of listUblkIds()) {
+      if ([...this.#tracked.values()].some((t) => t.info.ublkId === devId)) continue;
+      let info;
+      try {
+        info = await this.#ctrl.getDevInfo(devId);
+      } catch {
+        continue;
+      }
+      const tag = decodeOwnerTag(info.ublksrvFlags);
+      // pid 0: not started yet, maybe by a live daemon: not ours to judge.
+      if (!tag || tag.role !== "image" || info.ublksrvPid <= 0) continue;
+      if (pidAlive(info.ublksrvPid)) continue;
+      await this.#deleteLeftDevice(devId, "image", tag.originalDevice, "image of a lost snapshot");
+    }
+  }
+
+  /**
+   * Deletes a device a dead daemon left. A dead disk is gone already; the
+   * asynchronous delete frees the number once a filesystem still mounted on
+   * it is unmounted.
+   */
+  async #deleteLeftDevice(
+    devId: number,
+    role: string,
+    original: string,
+    what: string,
+  ): Promise<void> {
+    try {
+      const info = await this.#ctrl.getDevInfo(devId);
+      if (info.state !== UBLK_DEV_STATE.DEAD) await this.#ctrl.stopDev(devId);
+      await this.#ctrl.delDevAsync(devId);
+      const reason =
+        `${what}: snapshots do not survive their daemon (unmount it if it is still mounted)`;
+      this.#recovery.removed.push({ ublkId: devId, role, original, reason });
+      log(`removed /dev/ublkb${devId}, ${reason}`);
+    } catch (err) {
+      log(`removing /dev/ublkb${devId} (${what}) failed: ${err}`);
+    }
+  }
+
+  async #recoverTracked(e: TrackedEntry): Promise<void> {
+    const fail = (reason: string, hint: string) => {
+      const report: Unrecovered = {
+        original: e.original,
+        originalDevice: e.originalDevice,
+        tracked: e.tracked,
+        ublkId: e.ublkId,
+        reason,
+        hint,
+      };
+      this.#unrecovered.set(e.ublkId, { entry: e, report });
+      log(`NOT recovered: ${e.tracked} over ${e.original}: ${reason}; ${hint}`);
+    };
+    let info;
+    try {
+      info = await this.#ctrl.getDevInfo(e.ublkId);
+    } catch (err) {
+      if (err instanceof ErrnoError && err.code === "ENODEV") {
+        log(`${e.tracked} (over ${e.original}) no longer exists: nothing to recover`);
+        return;
+      }
+      return fail(`GET_DEV_INFO failed: ${err}`, "restart the daemon to try again");
+    }
+    const tag = decodeOwnerTag(info.ublksrvFlags);
+    if (!tag || tag.role !== "tracked" || tag.originalDevice !== e.originalDevice) {
+      log(`ublk device ${e.ublkId} is no longer the tracked device of ${e.original}: skipped`);
+      return;
+    }
+    // The kernel quiesces the device once the dead server's exit is done.
+    const deadline = performance.now() + 30_000;
+    while (
+      info.state === UBLK_DEV_STATE.LIVE && !pidAlive(info.ublksrvPid) &&
+      performance.now() < deadline
+    ) {
+      await new Promise((r) => setTimeout(r, 20));
+      info = await this.#ctrl.getDevInfo(e.ublkId);
+    }
+    if (info.state === UBLK_DEV_STATE.LIVE) {
+      return fail(
+        `it is served by process ${info.ublksrvPid}`,
+        "stop that process first; this daemon leaves the device alone",
+      );
+    }
+    if (info.state === UBLK_DEV_STATE.DEAD) {
+      // Never started (killed during attach), or stopped by the kernel: no
+      // I/O can wait on it. Delete it so the original can be attached again.
+      await this.#deleteLeftDevice(
+        e.ublkId,
+        "tracked",
+        e.originalDevice,
+        `tracked device of ${e.original} that was not running`,
+      );
+      return;
+    }
+    if (info.state !== UBLK_DEV_STATE.QUIESCED) {
+      return fail(`its state is ${stateName(info.state)}`, "detach it by hand");
+    }
+    if ((info.flags & UBLK_F.USER_RECOVERY) === 0n) {
+      return fail("it was made without user recovery", "unmount it and restart the daemon");
+    }
+    let fd = -1;
+    let pipe: DevicePipe | undefined;
+    const t0 = performance.now();
+    try {
+      const id = identifyBlockDevice(e.original, "recover");
+      if (id.key !== e.originalDevice) {
+        throw new BlksnapError(
+          "ENODEV",
+          `"${e.original}" is now ${id.key}, not ${e.originalDevice}: the original is gone`,
+        );
+      }
+      fd = openExclusive(this.#libc, id, "recover the tracked device of");
+      const geo = readGeometry(this.#libc, fd, id);
+      if (geo.sizeBytes !== e.sizeBytes) {
+        throw new BlksnapError(
+          "EINVAL",
+          `"${e.original}" is now ${geo.sizeBytes} bytes, not ${e.sizeBytes}`,
+        );
+      }
+      pipe = new DevicePipe(this.#libc, {
+        sizeBytes: geo.sizeBytes,
+        minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+        params: this.options.params,
+        queues: info.nrHwQueues,
+      });
+      const key = id.key;
+      const device = await UblkDevice.recover(this.#ctrl, this.#libc, {
+        info,
+        target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
+        onFatal: (message) => this.#onQueueFatal(key, message),
+      });
+      const recoveryMs = performance.now() - t0;
+      const trackedRdev = Deno.statSync(device.blockPath).rdev ?? 0;
+      const trackedInfo: TrackedInfo = {
+        original: e.original,
+        originalDevice: e.originalDevice,
+        tracked: device.blockPath,
+        trackedDevice: deviceKey(splitDevT(trackedRdev)),
+        ublkId: device.devId,
+        sizeBytes: geo.sizeBytes,
+        logicalBlockSize: geo.logicalBlockSize,
+        physicalBlockSize: geo.physicalBlockSize,
+        queues: device.queues,
+        queueDepth: device.depth,
+        userRecovery: device.recovery,
+        attachedAt: e.attachedAt,
+      };
+      this.#tracked.set(key, {
+        info: trackedInfo,
+        device,
+        originalFd: fd,
+        detaching: false,
+        original: e.original,
+        originalKey: key,
+        tracked: trackedInfo.tracked,
+        trackedKey: trackedInfo.trackedDevice,
+        sizeBytes: geo.sizeBytes,
+        logicalBlockSize: geo.logicalBlockSize,
+        physicalBlockSize: geo.physicalBlockSize,
+        pipe,
+        snapshotId: null,
+      });
+      fd = -1;
+      this.#recovery.recovered.push({
+        original: e.original,
+        tracked: trackedInfo.tracked,
+        ublkId: device.devId,
+        previousGenerationId: e.cbtGenerationId,
+        generationId: pipe.cbt.generationId,
+        recoveryMs: Math.round(recoveryMs),
+      });
+      log(
+        `recovered ${trackedInfo.tracked} over ${e.original} in ${Math.round(recoveryMs)} ms; ` +
+          `CBT map reset (generation ${e.cbtGenerationId} -> ${pipe.cbt.generationId}): ` +
+          `the next backup must be a full one`,
+      );
+      pipe = undefined;
+      if (device.failure) this.#onQueueFatal(key, device.failure);
+    } catch (err) {
+      pipe?.close();
+      if (fd >= 0) this.#libc.close(fd);
+      fail(
+        err instanceof Error ? err.message : String(err),
+        "I/O to it waits; fix the cause and restart the daemon (blksnap daemon), " +
+          "or unmount it and reboot to drop it",
+      );
+    }
   }
 
   #refuseWhenStopping(): void {
@@ -458,6 +899,34 @@ export class Daemon {
     }
     this.#ctrl.close();
   }
+}
+
+function stateName(state: number): string {
+  return ["dead", "live", "quiesced", "fail_io"][state] ?? `state ${state}`;
+}
+
+/** True while a process with this pid exists. */
+function pidAlive(pid: number): boolean {
+  if (pid <= 0) return false;
+  try {
+    return Deno.statSync(`/proc/${pid}`).isDirectory;
+  } catch {
+    return false;
+  }
+}
+
+/** Ids of every ublk device that exists now (/sys/class/ublk-char). */
+function listUblkIds(): number[] {
+  const ids: number[] = [];
+  try {
+    for (const e of Deno.readDirSync("/sys/class/ublk-char")) {
+      const m = /^ublkc(\d+)$/.exec(e.name);
+      if (m) ids.push(Number(m[1]));
+    }
+  } catch {
+    // no ublk devices (class absent)
+  }
+  return ids.sort((a, b) => a - b);
 }
 
 function splitKey(key: string): { major: number; minor: number } {

@@ -159,8 +159,43 @@ export interface SnapshotStatus {
   storage: StorageStatus;
 }
 
+/** What the daemon found at its start that an earlier daemon left (state file, owner tags). */
+export interface RecoveryReport {
+  /** The state file it read ("" when there was none). */
+  stateFile: string;
+  /** Why the state file could not be used, or null. */
+  stateFileError: string | null;
+  /** The pid of the daemon that wrote it, or 0. */
+  previousPid: number;
+  /** Tracked devices taken over; their CBT map was reset (new generation id). */
+  recovered: Array<{
+    original: string;
+    tracked: string;
+    ublkId: number;
+    previousGenerationId: string;
+    generationId: string;
+    /** START_USER_RECOVERY to END_USER_RECOVERY. */
+    recoveryMs: number;
+  }>;
+  /** Tracked devices left as the kernel has them; `hint` says what to do. */
+  unrecovered: Array<{
+    original: string;
+    originalDevice: string;
+    tracked: string;
+    ublkId: number;
+    reason: string;
+    hint: string;
+  }>;
+  /** Devices deleted: snapshot images, and devices that never started. */
+  removed: Array<{ ublkId: number; role: string; original: string; reason: string }>;
+  /** Snapshots that existed when the previous daemon died: corrupted, gone. */
+  lostSnapshots: Array<{ id: string; devices: string[]; storage: string; reason: string }>;
+}
+
 export interface StatusResult extends VersionResult {
   foreignDevices: ForeignDevice[];
+  /** Absent from daemons without recovery. */
+  recovery?: RecoveryReport;
   startedAt: string;
   socket: string;
   params?: Params;

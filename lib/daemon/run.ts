@@ -6,6 +6,8 @@ import { cString, type Libc, openLibc } from "../../ffi/libc.ts";
 import { openLiburing } from "../../ffi/liburing.ts";
 import { Daemon, type DaemonOptions, log } from "./daemon.ts";
 import { ControlServer } from "./server.ts";
+import { DaemonLock } from "./daemon_lock.ts";
+import { besideSocket } from "./state_file.ts";
 
 export interface RunDaemonOptions extends DaemonOptions {
   logFile?: string;
@@ -17,6 +19,10 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
   if (opts.logFile) redirectLogs(opts.logFile);
   const libc = openLibc();
   if (opts.privateMounts) enterPrivateMountNamespace(libc);
+  // Before anything else: of two daemons started together, one goes on.
+  const dir = opts.socketPath.slice(0, opts.socketPath.lastIndexOf("/")) || "/";
+  Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  const lock = DaemonLock.acquire(besideSocket(opts.socketPath, "lock"));
   const uring = openLiburing();
   const daemon = await Daemon.start(libc, uring.symbols, opts);
   let server: ControlServer;
@@ -24,9 +30,19 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     server = await ControlServer.listen(daemon, opts.socketPath);
   } catch (err) {
     await daemon.shutdown();
+    lock.release();
     throw err;
   }
   log(`pid ${Deno.pid} listening on ${opts.socketPath}`);
+  // Requests that arrive meanwhile wait in the socket's backlog.
+  const report = await daemon.recoverPrevious();
+  if (report.recovered.length + report.unrecovered.length + report.removed.length > 0) {
+    log(
+      `took over from pid ${report.previousPid}: ${report.recovered.length} recovered, ` +
+        `${report.unrecovered.length} not recovered, ${report.removed.length} removed, ` +
+        `${report.lostSnapshots.length} snapshots lost`,
+    );
+  }
   for (const f of await daemon.foreignDevices()) {
     log(
       `warning: ublk device ${f.ublkId} (${f.state}) belongs to ${
@@ -60,6 +76,7 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     // However serving ended, the devices go with the daemon.
     await stopLogged("socket closed");
   }
+  lock.release();
   log("exited cleanly");
   return 0;
 }
