@@ -3,7 +3,7 @@
  * tracked devices. Every state change happens here, on the main thread; the
  * socket server (server.ts) only parses and forwards.
  */
-import type { Libc } from "../../ffi/libc.ts";
+import { type Libc, O } from "../../ffi/libc.ts";
 import type { LiburingSymbols } from "../../ffi/liburing.ts";
 import { describeFeatures, UblkControl } from "../ublk/control.ts";
 import { UblkDevice } from "../ublk/device.ts";
@@ -666,6 +666,73 @@ export class Daemon {
     return report;
   }
 
+  /** `blksnap recover`: tries again every device left unrecovered. */
+  recover(): Promise<RecoveryReport> {
+    return this.#track((async () => {
+      this.#refuseWhenStopping();
+      const before = this.#recovery.recovered.length;
+      const left = [...this.#unrecovered.values()].map((u) => u.entry);
+      for (const e of left) {
+        this.#unrecovered.delete(e.ublkId);
+        await this.#recoverTracked(e);
+      }
+      this.#saveState();
+      log(
+        `recover: ${this.#recovery.recovered.length - before} of ${left.length} recovered`,
+      );
+      return {
+        ...this.#recovery,
+        unrecovered: [...this.#unrecovered.values()].map((u) => u.report),
+      };
+    })());
+  }
+
+  /**
+   * `blksnap detach --force`: a device this daemon serves is detached as
+   * usual; one a dead daemon left and this one could not recover is deleted
+   * (STOP_DEV fails the I/O waiting on it) unless it is mounted or open.
+   */
+  detachForce(path: string): Promise<{ device: string; tracked: string; ublkId: number }> {
+    return this.#track((async () => {
+      this.#refuseWhenStopping();
+      const id = identifyBlockDevice(path, "detach");
+      const t = this.#find(id);
+      if (t) {
+        const info = await this.#detach(path);
+        return { device: info.original, tracked: info.tracked, ublkId: info.ublkId };
+      }
+      const u = [...this.#unrecovered.values()].find((x) =>
+        x.entry.originalDevice === id.key || x.entry.tracked === path ||
+        (x.entry.trackedDevice !== "" && x.entry.trackedDevice === id.key)
+      );
+      if (!u) throw new BlksnapError("ENOENT", `Cannot detach "${path}": it is not tracked`);
+      const e = u.entry;
+      // Refused while mounted or held: that would pull the disk from under it.
+      let guard = -1;
+      try {
+        guard = this.#libc.open(e.tracked, O.RDONLY | O.EXCL | O.CLOEXEC);
+      } catch (err) {
+        if (err instanceof ErrnoError && err.code === "EBUSY") {
+          throw new BlksnapError(
+            "EBUSY",
+            `Cannot detach "${path}": ${e.tracked} is mounted or open; unmount it first`,
+          );
+        }
+        if (!(err instanceof ErrnoError && err.code === "ENOENT")) throw err;
+      }
+      try {
+        await this.#ctrl.stopDev(e.ublkId);
+      } finally {
+        if (guard >= 0) this.#libc.close(guard);
+      }
+      await this.#ctrl.delDevAsync(e.ublkId);
+      this.#unrecovered.delete(e.ublkId);
+      this.#saveState();
+      log(`deleted ${e.tracked} over ${e.original} (left by a dead daemon, not recovered)`);
+      return { device: e.original, tracked: e.tracked, ublkId: e.ublkId };
+    })());
+  }
+
   async #removeImage(devId: number, originalDevice: string, snapshotId: string): Promise<void> {
     let info;
     try {
@@ -853,7 +920,8 @@ export class Daemon {
         recoveryMs: Math.round(recoveryMs),
       });
       log(
-        `recovered ${trackedInfo.tracked} over ${e.original} in ${Math.round(recoveryMs)} ms; ` +
+        `recovered ${trackedInfo.tracked} over ${e.original} in ${Math.round(recoveryMs)} ms ` +
+          `(${JSON.stringify(device.recoveryPhasesMs)}); ` +
           `CBT map reset (generation ${e.cbtGenerationId} -> ${pipe.cbt.generationId}): ` +
           `the next backup must be a full one`,
       );

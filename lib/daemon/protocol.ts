@@ -29,6 +29,13 @@ export type Request =
   | { op: "status"; args: Record<string, never> }
   | { op: "attach"; args: { device: string } }
   | { op: "detach"; args: { device: string } }
+  /** Retries the take-over of every device a dead daemon left that is not recovered yet. */
+  | { op: "recover"; args: Record<string, never> }
+  /**
+   * detach, and for a device a dead daemon left that could not be recovered:
+   * delete it (refused while it is mounted; I/O waiting on it fails).
+   */
+  | { op: "detach_force"; args: { device: string } }
   | { op: "shutdown"; args: Record<string, never> }
   | { op: "cbtinfo"; args: { device: string } }
   | { op: "readcbtmap"; args: { device: string } }
@@ -306,6 +313,8 @@ export interface ResultMap {
   status: StatusResult;
   attach: TrackedInfo;
   detach: TrackedInfo;
+  recover: RecoveryReport;
+  detach_force: { device: string; tracked: string; ublkId: number };
   shutdown: ShutdownResult;
   cbtinfo: CbtInfoResult;
   readcbtmap: ReadCbtMapResult;
@@ -356,6 +365,8 @@ const ARG_SPECS: Record<Op, Record<string, ArgKind>> = {
   status: {},
   attach: { device: "path" },
   detach: { device: "path" },
+  recover: {},
+  detach_force: { device: "path" },
   shutdown: {},
   cbtinfo: { device: "path" },
   readcbtmap: { device: "path" },

@@ -87,6 +87,8 @@ export class UblkDevice {
   /** The first queue failure, whenever it came. */
   #failure: string | undefined;
   #destroying: Promise<void> | undefined;
+  /** After recover(): ms spent in START_USER_RECOVERY (with its retries), starting the queues, END_USER_RECOVERY. */
+  recoveryPhasesMs: { start: number; queues: number; end: number } | null = null;
 
   private constructor(ctrl: UblkControl, libc: Libc, info: DevInfo) {
     this.#ctrl = ctrl;
@@ -184,7 +186,8 @@ export class UblkDevice {
     opts: RecoverDeviceOptions,
   ): Promise<UblkDevice> {
     const dev = new UblkDevice(ctrl, libc, opts.info);
-    const deadline = performance.now() + (opts.busyTimeoutMs ?? 30_000);
+    const t0 = performance.now();
+    const deadline = t0 + (opts.busyTimeoutMs ?? 30_000);
     for (;;) {
       try {
         await ctrl.startUserRecovery(dev.devId);
@@ -198,13 +201,21 @@ export class UblkDevice {
     // From here a failure leaves the device to the kernel as it is: queue
     // workers that FETCHed keep their tags, those that failed closed their
     // rings, and only this daemon's exit releases the rest.
+    const t1 = performance.now();
     dev.#charFd = await openCharDevice(libc, dev.charPath);
     await dev.#startWorkers({
       target: opts.target,
       ...(opts.onFatal ? { onFatal: opts.onFatal } : {}),
     });
+    const t2 = performance.now();
     await ctrl.endUserRecovery(dev.devId, Deno.pid);
     dev.#started = true;
+    const t3 = performance.now();
+    dev.recoveryPhasesMs = {
+      start: Math.round(t1 - t0),
+      queues: Math.round(t2 - t1),
+      end: Math.round(t3 - t2),
+    };
     await waitForPath(dev.blockPath);
     if (dev.#failure) throw new Error(dev.#failure);
     return dev;
