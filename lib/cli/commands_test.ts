@@ -594,6 +594,7 @@ Deno.test("status says what a daemon took over from one that died, and what it c
         ublkId: 0,
         previousGenerationId: GEN,
         generationId: "0123abcd-0000-4000-8000-000000000000",
+        cbtResetReason: "a switch or reset of it was cut short",
         recoveryMs: 120,
       }],
       unrecovered: [{
@@ -612,7 +613,8 @@ Deno.test("status says what a daemon took over from one that died, and what it c
   assertEquals(r.out.split("\n").slice(-5), [
     "no snapshots",
     "recovered /dev/ublkb0 over /dev/loop0 from the daemon that died (pid 41) in 120 ms; its CBT " +
-    "map was reset (generation d4c3b2a1 -> 0123abcd): the next backup is a full one",
+    "map was reset, a switch or reset of it was cut short (generation d4c3b2a1 -> 0123abcd): " +
+    "the next backup is a full one",
     "NOT recovered: /dev/ublkb1 over /dev/loop1: the original is gone; I/O to it waits",
     "removed /dev/ublkb2 (image): image of snapshot x",
     `snapshot ${ID} (/dev/loop0): corrupted: lost`,

@@ -166,12 +166,12 @@ export function recoveryLines(r: RecoveryReport): string[] {
   if (r.stateFileError) lines.push(`warning: ${r.stateFileError}`);
   const from = `from the daemon that died (pid ${r.previousPid})`;
   for (const d of r.recovered) {
-    lines.push(
-      `recovered ${d.tracked} over ${d.original} ${from} in ${d.recoveryMs} ms; its CBT map was ` +
-        `reset (generation ${d.previousGenerationId.slice(0, 8)} -> ${
-          d.generationId.slice(0, 8)
-        }): the next backup is a full one`,
-    );
+    const cbt = d.cbtResetReason === null
+      ? `its CBT map was kept (generation ${d.generationId.slice(0, 8)})`
+      : `its CBT map was reset, ${d.cbtResetReason} (generation ${
+        d.previousGenerationId.slice(0, 8)
+      } -> ${d.generationId.slice(0, 8)}): the next backup is a full one`;
+    lines.push(`recovered ${d.tracked} over ${d.original} ${from} in ${d.recoveryMs} ms; ${cbt}`);
   }
   for (const d of r.unrecovered) {
     lines.push(`NOT recovered: ${d.tracked} over ${d.original}: ${d.reason}; ${d.hint}`);

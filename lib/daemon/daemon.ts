@@ -28,6 +28,7 @@ import {
 } from "./protocol.ts";
 import { BlksnapError, ERRNO } from "../engine/errors.ts";
 import { DevicePipe } from "./pipe.ts";
+import { CbtFile, cbtFilePath } from "./cbt_file.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
 import { Buffer } from "node:buffer";
 import { UBLK_DEV_STATE, UBLK_F } from "../../ffi/ublk_abi.ts";
@@ -339,8 +340,9 @@ export class Daemon {
       throw new BlksnapError("EALREADY", `Cannot attach "${path}": an attach of it is in progress`);
     }
     this.#attaching.add(id.key);
+    let stale: number[];
     try {
-      await this.#refuseSecondDevice(path, id.key);
+      stale = await this.#refuseSecondDevice(path, id.key);
     } catch (err) {
       this.#attaching.delete(id.key);
       throw err;
@@ -350,14 +352,34 @@ export class Daemon {
     let pipe: DevicePipe | undefined;
     try {
       fd = openExclusive(this.#libc, id, "attach");
+      for (const devId of stale) {
+        await this.#deleteLeftDevice(
+          devId,
+          "tracked",
+          id.key,
+          `a tracked device of ${path} left dead`,
+        );
+      }
       const geo = readGeometry(this.#libc, fd, id);
       validateGeometry(path, geo);
-      pipe = new DevicePipe(this.#libc, {
-        sizeBytes: geo.sizeBytes,
-        minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+      // A new attach starts a new map (as the module does), in a file that outlives this daemon.
+      const cbtFile = CbtFile.open(this.#libc, cbtFilePath(this.statePath, id.key), {
+        capacitySectors: geo.sizeBytes / 512,
         params: this.options.params,
-        queues: this.options.queues,
+        reuse: false,
       });
+      try {
+        pipe = new DevicePipe(this.#libc, {
+          sizeBytes: geo.sizeBytes,
+          minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+          params: this.options.params,
+          queues: this.options.queues,
+          cbtFile,
+        });
+      } catch (err) {
+        cbtFile.remove();
+        throw err;
+      }
       device = await UblkDevice.create(this.#ctrl, this.#libc, {
         queues: this.options.queues,
         depth: this.options.queueDepth,
@@ -590,7 +612,7 @@ export class Daemon {
    * daemon serves. The owner tag in each device's ublksrv_flags decides, so
    * this holds without the state file too.
    */
-  async #refuseSecondDevice(path: string, key: string): Promise<void> {
+  async #refuseSecondDevice(path: string, key: string): Promise<number[]> {
     for (const u of this.#unrecovered.values()) {
       if (u.entry.originalDevice === key) {
         throw new BlksnapError(
@@ -599,6 +621,7 @@ export class Daemon {
         );
       }
     }
+    const stale: number[] = [];
     const ours = new Set([...this.#tracked.values()].map((t) => t.info.ublkId));
     for (const devId of listUblkIds()) {
       if (ours.has(devId) || this.#starting.has(devId)) continue;
@@ -610,15 +633,23 @@ export class Daemon {
       }
       const tag = decodeOwnerTag(info.ublksrvFlags);
       if (!tag || tag.role !== "tracked" || tag.originalDevice !== key) continue;
-      const state = stateName(info.state);
+      if (info.state === UBLK_DEV_STATE.DEAD && !pidAlive(info.ublksrvPid)) {
+        // Never started, or stopped: no I/O waits on it. Deleted once this
+        // attach holds the original (so no other daemon is making it now).
+        stale.push(devId);
+        continue;
+      }
       const alive = info.state === UBLK_DEV_STATE.LIVE && pidAlive(info.ublksrvPid);
       throw new BlksnapError(
         "EBUSY",
         alive
-          ? `Cannot attach "${path}": it is already tracked as /dev/ublkb${devId} by another blksnap daemon (pid ${info.ublksrvPid}); use that daemon's socket`
-          : `Cannot attach "${path}": it already backs /dev/ublkb${devId} (${state}), left by a blksnap daemon that died; restart the daemon that owns it (its state file names it) or run "blksnap status" to see what is left`,
+          ? `Cannot attach "${path}": the device is in use: it is already tracked as /dev/ublkb${devId} by another blksnap daemon (pid ${info.ublksrvPid}); use that daemon's socket`
+          : `Cannot attach "${path}": it already backs /dev/ublkb${devId} (${
+            stateName(info.state)
+          }), left by a blksnap daemon that died; "blksnap recover" takes it over, "blksnap detach --force --device /dev/ublkb${devId}" deletes it`,
       );
     }
+    return stale;
   }
 
   /**
@@ -672,6 +703,7 @@ export class Daemon {
       this.#refuseWhenStopping();
       const before = this.#recovery.recovered.length;
       const left = [...this.#unrecovered.values()].map((u) => u.entry);
+      left.push(...await this.#adoptable());
       for (const e of left) {
         this.#unrecovered.delete(e.ublkId);
         await this.#recoverTracked(e);
@@ -727,10 +759,54 @@ export class Daemon {
       }
       await this.#ctrl.delDevAsync(e.ublkId);
       this.#unrecovered.delete(e.ublkId);
+      removeFile(cbtFilePath(this.statePath, e.originalDevice));
       this.#saveState();
       log(`deleted ${e.tracked} over ${e.original} (left by a dead daemon, not recovered)`);
       return { device: e.original, tracked: e.tracked, ublkId: e.ublkId };
     })());
+  }
+
+  /**
+   * Quiesced tracked devices (by their owner tag) that no state file this
+   * daemon read names, e.g. when the file was lost: `recover` takes them over
+   * too. Their original is known by number only; their CBT map is reset.
+   */
+  async #adoptable(): Promise<TrackedEntry[]> {
+    const known = new Set([
+      ...[...this.#tracked.values()].map((t) => t.info.ublkId),
+      ...this.#unrecovered.keys(),
+      ...this.#starting.keys(),
+    ]);
+    const out: TrackedEntry[] = [];
+    for (const devId of listUblkIds()) {
+      if (known.has(devId)) continue;
+      let info;
+      try {
+        info = await this.#ctrl.getDevInfo(devId);
+      } catch {
+        continue;
+      }
+      const tag = decodeOwnerTag(info.ublksrvFlags);
+      if (!tag || tag.role !== "tracked" || info.state !== UBLK_DEV_STATE.QUIESCED) continue;
+      out.push({
+        role: "tracked",
+        ublkId: devId,
+        original: `/dev/block/${tag.originalDevice}`,
+        originalDevice: tag.originalDevice,
+        tracked: `/dev/ublkb${devId}`,
+        trackedDevice: "",
+        sizeBytes: 0, // unknown: the original's own
+        logicalBlockSize: 0,
+        physicalBlockSize: 0,
+        queues: info.nrHwQueues,
+        queueDepth: info.queueDepth,
+        maxIoBufBytes: info.maxIoBufBytes,
+        phase: "live",
+        cbtGenerationId: "",
+        attachedAt: new Date().toISOString(),
+      });
+    }
+    return out;
   }
 
   async #removeImage(devId: number, originalDevice: string, snapshotId: string): Promise<void> {
@@ -779,6 +855,7 @@ export class Daemon {
       const info = await this.#ctrl.getDevInfo(devId);
       if (info.state !== UBLK_DEV_STATE.DEAD) await this.#ctrl.stopDev(devId);
       await this.#ctrl.delDevAsync(devId);
+      if (role === "tracked") removeFile(cbtFilePath(this.statePath, original));
       const reason =
         `${what}: snapshots do not survive their daemon (unmount it if it is still mounted)`;
       this.#recovery.removed.push({ ublkId: devId, role, original, reason });
@@ -846,13 +923,26 @@ export class Daemon {
       return fail(`its state is ${stateName(info.state)}`, "detach it by hand");
     }
     if ((info.flags & UBLK_F.USER_RECOVERY) === 0n) {
-      return fail("it was made without user recovery", "unmount it and restart the daemon");
+      return fail(
+        "it was made without user recovery",
+        `unmount it and run "blksnap detach --force --device ${e.tracked}"`,
+      );
     }
     let fd = -1;
     let pipe: DevicePipe | undefined;
+    let cbtResetReason: string | null = null;
     const t0 = performance.now();
     try {
-      const id = identifyBlockDevice(e.original, "recover");
+      let id: BlockDeviceId | undefined;
+      try {
+        id = identifyBlockDevice(e.original, "recover");
+      } catch {
+        id = undefined;
+      }
+      if (id?.key !== e.originalDevice) {
+        // The path names another device now; the number may still be there.
+        id = identifyBlockDevice(`/dev/block/${e.originalDevice}`, "recover");
+      }
       if (id.key !== e.originalDevice) {
         throw new BlksnapError(
           "ENODEV",
@@ -861,18 +951,31 @@ export class Daemon {
       }
       fd = openExclusive(this.#libc, id, "recover the tracked device of");
       const geo = readGeometry(this.#libc, fd, id);
-      if (geo.sizeBytes !== e.sizeBytes) {
+      if (e.sizeBytes !== 0 && geo.sizeBytes !== e.sizeBytes) {
         throw new BlksnapError(
           "EINVAL",
           `"${e.original}" is now ${geo.sizeBytes} bytes, not ${e.sizeBytes}`,
         );
       }
-      pipe = new DevicePipe(this.#libc, {
-        sizeBytes: geo.sizeBytes,
-        minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+      // The map the dead daemon kept marking, when it can be trusted; else a new one.
+      const cbtFile = CbtFile.open(this.#libc, cbtFilePath(this.statePath, id.key), {
+        capacitySectors: geo.sizeBytes / 512,
         params: this.options.params,
-        queues: info.nrHwQueues,
+        reuse: true,
       });
+      cbtResetReason = cbtFile.resetReason;
+      try {
+        pipe = new DevicePipe(this.#libc, {
+          sizeBytes: geo.sizeBytes,
+          minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+          params: this.options.params,
+          queues: info.nrHwQueues,
+          cbtFile,
+        });
+      } catch (err) {
+        cbtFile.close();
+        throw err;
+      }
       const key = id.key;
       const device = await UblkDevice.recover(this.#ctrl, this.#libc, {
         info,
@@ -917,23 +1020,27 @@ export class Daemon {
         ublkId: device.devId,
         previousGenerationId: e.cbtGenerationId,
         generationId: pipe.cbt.generationId,
+        cbtResetReason,
         recoveryMs: Math.round(recoveryMs),
       });
       log(
         `recovered ${trackedInfo.tracked} over ${e.original} in ${Math.round(recoveryMs)} ms ` +
           `(${JSON.stringify(device.recoveryPhasesMs)}); ` +
-          `CBT map reset (generation ${e.cbtGenerationId} -> ${pipe.cbt.generationId}): ` +
-          `the next backup must be a full one`,
+          (cbtResetReason === null
+            ? `CBT map kept (generation ${pipe.cbt.generationId})`
+            : `CBT map reset, ${cbtResetReason} (generation ${e.cbtGenerationId} -> ` +
+              `${pipe.cbt.generationId}): the next backup must be a full one`),
       );
       pipe = undefined;
       if (device.failure) this.#onQueueFatal(key, device.failure);
     } catch (err) {
-      pipe?.close();
+      // The map file stays for the next attempt (recover, or the next daemon).
+      pipe?.close({ keepCbtMap: true });
       if (fd >= 0) this.#libc.close(fd);
       fail(
         err instanceof Error ? err.message : String(err),
-        "I/O to it waits; fix the cause and restart the daemon (blksnap daemon), " +
-          "or unmount it and reboot to drop it",
+        'I/O to it waits: fix the cause and run "blksnap recover", or unmount it and ' +
+          `run "blksnap detach --force --device ${e.tracked}" (the waiting I/O then fails)`,
       );
     }
   }
@@ -971,6 +1078,14 @@ export class Daemon {
 
 function stateName(state: number): string {
   return ["dead", "live", "quiesced", "fail_io"][state] ?? `state ${state}`;
+}
+
+function removeFile(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // not there
+  }
 }
 
 /** True while a process with this pid exists. */

@@ -174,13 +174,15 @@ export interface RecoveryReport {
   stateFileError: string | null;
   /** The pid of the daemon that wrote it, or 0. */
   previousPid: number;
-  /** Tracked devices taken over; their CBT map was reset (new generation id). */
+  /** Tracked devices taken over, with their CBT map unless it could not be trusted. */
   recovered: Array<{
     original: string;
     tracked: string;
     ublkId: number;
     previousGenerationId: string;
     generationId: string;
+    /** Why the CBT map was reset with a new generation id; null when it was kept. */
+    cbtResetReason: string | null;
     /** START_USER_RECOVERY to END_USER_RECOVERY. */
     recoveryMs: number;
   }>;
