@@ -84,6 +84,8 @@ export class Daemon {
   readonly snapshots: Snapshots;
   /** The state file (state_file.ts): rewritten at every change of the devices. */
   readonly statePath: string;
+  /** Snapshots lost with a daemon that died: their corrupted event, until destroyed. */
+  readonly #lost = new Map<string, { device: string; at: number; reported: boolean }>();
   /** Devices between ADD_DEV and the end of their attach, by ublk id. */
   readonly #starting = new Map<number, TrackedEntry>();
   /** Devices an earlier daemon left that this one could not take over, by ublk id. */
@@ -195,6 +197,12 @@ export class Daemon {
     }
   }
   async snapshotDestroy(id: string) {
+    // A snapshot lost with a dead daemon is already gone: destroying it succeeds, as
+    // destroying a corrupted snapshot does.
+    if (this.#lost.delete(id)) {
+      log(`snapshot_destroy of ${id}: it was lost with the daemon that held it; nothing left`);
+      return { id };
+    }
     try {
       return await this.snapshots.destroy(id);
     } finally {
@@ -204,7 +212,25 @@ export class Daemon {
   snapshotCollect() {
     return this.snapshots.collect();
   }
-  snapshotWaitEvent(id: string, timeoutMs: number) {
+  snapshotWaitEvent(id: string, timeoutMs: number): ReturnType<Snapshots["waitEvent"]> {
+    const lost = this.#lost.get(id);
+    if (lost && !lost.reported) {
+      // Its one event: corrupted (ENODEV), as a watcher of it would have seen.
+      lost.reported = true;
+      return Promise.resolve({
+        result: "ok",
+        time: lost.at,
+        event: "corrupted",
+        code: 0,
+        device: lost.device,
+        errorCode: ERRNO.ENODEV,
+      });
+    }
+    if (lost) {
+      return Promise.reject(
+        new BlksnapError("ESRCH", `Snapshot ${id} was lost when its daemon died`),
+      );
+    }
     return this.snapshots.waitEvent(id, timeoutMs);
   }
 
@@ -686,6 +712,14 @@ export class Daemon {
           `the daemon that held it (pid ${state.pid}) stopped without destroying it; ` +
           `its copy-on-write state is lost, its images are removed and its difference storage released`;
         report.lostSnapshots.push({ id: sn.id, devices: sn.devices, storage: sn.storage, reason });
+        const first = state.devices.find((d) =>
+          d.role === "tracked" && sn.devices.includes(d.original)
+        );
+        this.#lost.set(sn.id, {
+          device: first?.originalDevice ?? "0:0",
+          at: Date.now(),
+          reported: false,
+        });
         log(`snapshot ${sn.id} (${sn.devices.join(", ")}) is corrupted: ${reason}`);
       }
       for (const e of state.devices) {

@@ -359,6 +359,15 @@ vmTest(
         assertEquals(rec.removed.map((r) => [r.ublkId, r.role]), [[imageId, "image"]]);
         assertEquals(rec.recovered.map((r) => r.tracked), [tracked]);
         assertEquals(st.snapshots, []);
+        assertMatch(
+          await cli.ok("status"),
+          new RegExp(`snapshot ${id} \\(${loop.path}\\): corrupted`),
+        );
+        // Its one event says so; destroying it then succeeds, as for a corrupted snapshot.
+        const ev = await cli.ok("snapshot_waitevent", "--id", id, "--timeout", "1000");
+        assertMatch(ev, /event=corrupted/);
+        assertMatch(ev, /error_code=19/);
+        await cli.ok("snapshot_destroy", "--id", id);
         await waitFor("the image to go", () => !exists(`/dev/ublkc${imageId}`), 30_000);
         assertEquals(ublkNodes(), [tracked.slice(5), `ublkc${tracked.slice(10)}`].sort());
         // The tracked device works, and the storage directory holds nothing.
