@@ -476,3 +476,50 @@ vmTest(
     assertNoUblkDevices();
   },
 );
+
+vmTest(
+  "SIGKILL during attach: the next attach of the original removes the half-made device and succeeds",
+  async () => {
+    const cli = new Cli("recover-attach");
+    const loop = await Loop.create(32);
+    try {
+      await withDaemonLog(cli, async () => {
+        // A daemon first, so that the attach below is only the attach.
+        await cli.ok("attach", "--device", loop.path);
+        await cli.ok("detach", "--device", loop.path);
+        const st = await cli.json<Status>("status");
+        const attach = cli.run("attach", "--device", loop.path);
+        // Between ADD_DEV (the char device exists) and START_DEV (the disk appears).
+        await waitFor("ADD_DEV", () => ublkNodes().some((n) => n.startsWith("ublkc")), 60_000);
+        const half = ublkNodes();
+        Deno.kill(st.pid, "SIGKILL");
+        const r = await attach;
+        assertEquals(r.code, 3, `the attach learns that the daemon went away: ${r.stderr}`);
+        const second = await cli.run("attach", "--device", loop.path);
+        let again: string;
+        if (second.code === 0) {
+          again = second.stdout.trim();
+        } else {
+          // The disk was up before the kill: the new daemon recovered it instead.
+          const m = /already tracked as "(\/dev\/ublkb\d+)"/.exec(second.stderr);
+          assert(m, second.stderr);
+          again = m[1]!;
+          console.log(`(killed after START_DEV: the device was recovered; ${half.join(" ")})`);
+        }
+        assertMatch(again, /^\/dev\/ublkb\d+$/);
+        const st2 = await cli.json<Status>("status");
+        assertEquals(st2.devices.map((d) => d.tracked), [again]);
+        assertEquals(
+          ublkNodes(),
+          [again.slice(5), `ublkc${again.slice(10)}`].sort(),
+          "one device, nothing half-made left",
+        );
+        await cli.ok("detach", "--device", loop.path);
+      });
+    } finally {
+      await cli.stopDaemon();
+      await loop.destroy();
+    }
+    assertNoUblkDevices();
+  },
+);
