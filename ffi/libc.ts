@@ -47,6 +47,8 @@ export const LIBC_SYMBOLS = {
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   // int flock(int fd, int operation)
   flock: { parameters: ["i32", "i32"], result: "i32" },
+  // int umount2(const char *target, int flags)
+  umount2: { parameters: ["buffer", "i32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 export type LibcSymbols = Deno.DynamicLibrary<typeof LIBC_SYMBOLS>["symbols"];
@@ -69,6 +71,9 @@ export const O = {
 export const PROT = { READ: 1, WRITE: 2 } as const;
 export const MAP = { SHARED: 1, PRIVATE: 2, ANONYMOUS: 0x20, POPULATE: 0x8000 } as const;
 export const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
+/** umount2(2) flags. */
+export const MNT_DETACH = 2;
+
 /** flock(2) operations. */
 export const LOCK = { EX: 2, NB: 4, UN: 8 } as const;
 /** Filesystem freeze ioctls (linux/fs.h): _IOWR('X', 119/120, int). */

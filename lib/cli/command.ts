@@ -4,7 +4,13 @@
  * output in text or JSON, and the exit statuses.
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { Client, DaemonUnavailableError, NoDaemonError, startDaemon } from "../daemon/client.ts";
+import {
+  Client,
+  DaemonUnavailableError,
+  devicesLeftBehind,
+  NoDaemonError,
+  startDaemon,
+} from "../daemon/client.ts";
 import {
   type ArgsOf,
   DEFAULT_SOCKET_PATH,
@@ -82,13 +88,18 @@ export class Context {
       : (Deno.env.get("BLKSNAP_SOCKET") || DEFAULT_SOCKET_PATH);
   }
 
-  /** A connection to the daemon, starting one (and saying so on stderr) when none runs. */
+  /**
+   * A connection to the daemon, starting one (and saying so on stderr) when
+   * none runs — also without `autostart` when a daemon that died left devices
+   * behind: the new one takes them over.
+   */
   async daemon(autostart = true): Promise<Client> {
     if (this.#client) return this.#client;
     try {
       this.#client = await Client.connect(this.socketPath);
     } catch (err) {
-      if (!(err instanceof NoDaemonError) || !autostart) throw err;
+      if (!(err instanceof NoDaemonError)) throw err;
+      if (!autostart && !devicesLeftBehind(this.socketPath)) throw err;
       const extra = (Deno.env.get("BLKSNAP_DAEMON_ARGS") ?? "").split(/\s+/).filter((s) => s);
       const pid = await startDaemon({ socketPath: this.socketPath, daemonArgs: extra });
       console.error(`blksnap: started the daemon (pid ${pid}, socket ${this.socketPath})`);

@@ -587,3 +587,44 @@ Deno.test("status tolerates a daemon without snapshots or CBT", async () => {
   const none = await run(["status"], () => ({ ...STATUS, snapshots: [] }));
   assertEquals(none.out.split("\n").at(-1), "no snapshots");
 });
+
+Deno.test("status says what a daemon took over from one that died, and what it could not", async () => {
+  const r = await run(["status"], () => ({
+    ...STATUS,
+    snapshots: [],
+    recovery: {
+      stateFile: "/run/blksnap/control.state",
+      stateFileError: null,
+      previousPid: 41,
+      recovered: [{
+        original: "/dev/loop0",
+        tracked: "/dev/ublkb0",
+        ublkId: 0,
+        previousGenerationId: GEN,
+        generationId: "0123abcd-0000-4000-8000-000000000000",
+        cbtResetReason: "a switch or reset of it was cut short",
+        recoveryMs: 120,
+      }],
+      unrecovered: [{
+        original: "/dev/loop1",
+        originalDevice: "7:1",
+        tracked: "/dev/ublkb1",
+        ublkId: 1,
+        reason: "the original is gone",
+        hint: "I/O to it waits",
+      }],
+      removed: [{ ublkId: 2, role: "image", original: "7:0", reason: "image of snapshot x" }],
+      lostSnapshots: [{ id: ID, devices: ["/dev/loop0"], storage: "/var/tmp", reason: "lost" }],
+    },
+  }));
+  assertEquals(r.code, 0);
+  assertEquals(r.out.split("\n").slice(-5), [
+    "no snapshots",
+    "recovered /dev/ublkb0 over /dev/loop0 from the daemon that died (pid 41) in 120 ms; its CBT " +
+    "map was reset, a switch or reset of it was cut short (generation d4c3b2a1 -> 0123abcd): " +
+    "the next backup is a full one",
+    "NOT recovered: /dev/ublkb1 over /dev/loop1: the original is gone; I/O to it waits",
+    "removed /dev/ublkb2 (image): image of snapshot x",
+    `snapshot ${ID} (/dev/loop0): corrupted: lost`,
+  ]);
+});

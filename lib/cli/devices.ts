@@ -8,6 +8,7 @@ import { errnoDescription } from "../../ffi/errno.ts";
 import type {
   DeviceStatus,
   QueueStats,
+  RecoveryReport,
   SnapshotStatus,
   StatusResult,
   TrackedInfo,
@@ -43,20 +44,48 @@ Example:
 export const detach: Command = {
   name: "detach",
   summary: "Stop tracking a device and remove its tracked device.",
-  usage: "blksnap detach --device DEVICE",
+  usage: "blksnap detach --device DEVICE [--force]",
   help: `Options:
   -d, --device DEVICE   the original, its tracked device, or /dev/block/MAJ:MIN of either
+  --force               also delete a tracked device that a daemon which died left
+                        and that could not be recovered ("blksnap status" lists
+                        them): I/O waiting on it fails
 
 Refused while the tracked device is mounted or open exclusively: unmount first.
 The data stays on the original, which can then be mounted directly.`,
-  options: { device: { type: "string", short: "d" } },
+  options: { device: { type: "string", short: "d" }, force: { type: "boolean" } },
   async run(ctx, values, positionals) {
     noPositionals(this, positionals);
     const device = resolve(requireString(values, "device", this));
     const client = await ctx.daemon(false);
+    if (values.force === true) {
+      const r = await ctx.call(client, "detach_force", { device });
+      ctx.print(r, `${r.device} detached (${r.tracked} removed)`);
+      return EXIT.OK;
+    }
     const info: TrackedInfo = await ctx.call(client, "detach", { device });
     ctx.print(info, `${info.original} detached (${info.tracked} removed)`);
     return EXIT.OK;
+  },
+};
+
+export const recover: Command = {
+  name: "recover",
+  summary:
+    "Take over the tracked devices a daemon that died left (again, for those not recovered).",
+  usage: "blksnap recover",
+  help: `A daemon that starts takes over by itself every tracked device the daemon
+before it left quiesced (any command starts one). This tries again for those it
+could not recover (after fixing the cause that "blksnap status" shows), and
+prints what was recovered and what was not. Exit status 1 while any is left.`,
+  options: {},
+  async run(ctx, _values, positionals) {
+    noPositionals(this, positionals);
+    const client = await ctx.daemon();
+    const r = await ctx.call(client, "recover", {});
+    const lines = recoveryLines(r);
+    ctx.print(r, lines.length > 0 ? lines.join("\n") : "nothing to recover");
+    return r.unrecovered.length === 0 ? EXIT.OK : EXIT.FAILED;
   },
 };
 
@@ -123,6 +152,7 @@ Does not start the daemon: when none runs it says so and exits 0.`,
       lines.push(...table(rows));
     }
     if (s.snapshots !== undefined) lines.push(...snapshotLines(s.snapshots));
+    if (s.recovery !== undefined) lines.push(...recoveryLines(s.recovery));
     for (const f of s.foreignDevices) {
       lines.push(
         `warning: /dev/ublkb${f.ublkId} is not this daemon's: ${f.state}, server pid ${f.pid}` +
@@ -133,6 +163,29 @@ Does not start the daemon: when none runs it says so and exits 0.`,
     return EXIT.OK;
   },
 };
+
+/** What the daemon took over at its start from one that died, and what it could not. */
+export function recoveryLines(r: RecoveryReport): string[] {
+  const lines: string[] = [];
+  if (r.stateFileError) lines.push(`warning: ${r.stateFileError}`);
+  const from = `from the daemon that died (pid ${r.previousPid})`;
+  for (const d of r.recovered) {
+    const cbt = d.cbtResetReason === null
+      ? `its CBT map was kept (generation ${d.generationId.slice(0, 8)})`
+      : `its CBT map was reset, ${d.cbtResetReason} (generation ${
+        d.previousGenerationId.slice(0, 8)
+      } -> ${d.generationId.slice(0, 8)}): the next backup is a full one`;
+    lines.push(`recovered ${d.tracked} over ${d.original} ${from} in ${d.recoveryMs} ms; ${cbt}`);
+  }
+  for (const d of r.unrecovered) {
+    lines.push(`NOT recovered: ${d.tracked} over ${d.original}: ${d.reason}; ${d.hint}`);
+  }
+  for (const d of r.removed) lines.push(`removed /dev/ublkb${d.ublkId} (${d.role}): ${d.reason}`);
+  for (const sn of r.lostSnapshots) {
+    lines.push(`snapshot ${sn.id} (${sn.devices.join(", ")}): corrupted: ${sn.reason}`);
+  }
+  return lines;
+}
 
 /** "1a2b3c4d/3": the generation id's first 8 digits and the change number; "-" without CBT. */
 function cbtColumn(d: DeviceStatus): string {

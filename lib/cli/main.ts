@@ -11,7 +11,7 @@ import {
   parseCommandLine,
   UsageError,
 } from "./command.ts";
-import { attach, detach, status } from "./devices.ts";
+import { attach, detach, recover, status } from "./devices.ts";
 import { cbtinfo, markdirtyblock, readcbtmap } from "./cbt.ts";
 import {
   snapshot_add,
@@ -34,6 +34,7 @@ const COMMANDS: Command[] = [
   attach,
   detach,
   status,
+  recover,
   cbtinfo,
   readcbtmap,
   markdirtyblock,

@@ -3,6 +3,8 @@
  * and starting the daemon when a command needs it and none is running.
  */
 import { PROTOCOL_VERSION, type Reply, type Request } from "./protocol.ts";
+import { DaemonLock } from "./daemon_lock.ts";
+import { besideSocket, readStateFile } from "./state_file.ts";
 
 /** The daemon answered with an error. */
 export class DaemonError extends Error {
@@ -153,7 +155,9 @@ export async function startDaemon(opts: StartOptions): Promise<number> {
     } catch {
       // not yet
     }
-    if (exited) {
+    // Lost the race for the daemon lock to a daemon another command started:
+    // that one serves us too, once it answers.
+    if (exited && !DaemonLock.isHeld(besideSocket(opts.socketPath, "lock"))) {
       throw new DaemonUnavailableError(
         `The daemon exited with status ${exited.code} while starting; see ${logFile}:\n${
           tail(logFile)
@@ -165,6 +169,20 @@ export async function startDaemon(opts: StartOptions): Promise<number> {
   throw new DaemonUnavailableError(
     `The daemon did not answer on "${opts.socketPath}" in time; see ${logFile}`,
   );
+}
+
+/**
+ * Whether a daemon that is no longer running left ublk devices (its state
+ * file names some, or cannot be read): I/O to them waits for a daemon, so
+ * even commands that never start one should start one then.
+ */
+export function devicesLeftBehind(socketPath: string): boolean {
+  try {
+    const state = readStateFile(besideSocket(socketPath, "state"));
+    return state !== null && state.devices.length > 0;
+  } catch {
+    return true;
+  }
 }
 
 function tail(path: string): string {

@@ -3,7 +3,7 @@
  * tracked devices. Every state change happens here, on the main thread; the
  * socket server (server.ts) only parses and forwards.
  */
-import type { Libc } from "../../ffi/libc.ts";
+import { type Libc, O } from "../../ffi/libc.ts";
 import type { LiburingSymbols } from "../../ffi/liburing.ts";
 import { describeFeatures, UblkControl } from "../ublk/control.ts";
 import { UblkDevice } from "../ublk/device.ts";
@@ -20,11 +20,31 @@ import {
   ublkParams,
 } from "./block_device.ts";
 import { devTKey } from "../dev_t.ts";
-import { type ArgsOf, PROTOCOL_VERSION, type SectorRange, type TrackedInfo } from "./protocol.ts";
+import {
+  type ArgsOf,
+  PROTOCOL_VERSION,
+  type RecoveryReport,
+  type SectorRange,
+  type TrackedInfo,
+} from "./protocol.ts";
 import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { DevicePipe } from "./pipe.ts";
+import { CbtFile, cbtFilePath } from "./cbt_file.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
 import { Buffer } from "node:buffer";
+import { UBLK_DEV_STATE, UBLK_F } from "../../ffi/ublk_abi.ts";
+import { ErrnoError } from "../../ffi/errno.ts";
+import { decodeOwnerTag, encodeOwnerTag } from "./owner_tag.ts";
+import {
+  besideSocket,
+  type DaemonState,
+  type DeviceEntry,
+  emptyState,
+  moveAside,
+  readStateFile,
+  type TrackedEntry,
+  writeStateFile,
+} from "./state_file.ts";
 
 export interface DaemonOptions {
   params: Params;
@@ -32,6 +52,8 @@ export interface DaemonOptions {
   queueDepth: number;
   maxIoBufBytes: number;
   socketPath: string;
+  /** Default: beside the socket (`control.state` for `control.sock`). */
+  statePath?: string;
 }
 
 export const DEFAULT_DAEMON_OPTIONS: Omit<DaemonOptions, "socketPath" | "params"> = {
@@ -46,6 +68,8 @@ interface Tracked extends SnapshotDevice {
   detaching: boolean;
 }
 
+type Unrecovered = RecoveryReport["unrecovered"][number];
+
 export class Daemon {
   readonly options: DaemonOptions;
   readonly #libc: Libc;
@@ -59,11 +83,29 @@ export class Daemon {
   /** Attaches, detaches and removals under way; shutdown waits for them. */
   readonly #inflight = new Set<Promise<unknown>>();
   readonly snapshots: Snapshots;
+  /** The state file (state_file.ts): rewritten at every change of the devices. */
+  readonly statePath: string;
+  /** Snapshots lost with a daemon that died: their corrupted event, until destroyed. */
+  readonly #lost = new Map<string, { device: string; at: number; reported: boolean }>();
+  /** Devices between ADD_DEV and the end of their attach, by ublk id. */
+  readonly #starting = new Map<number, TrackedEntry>();
+  /** Devices an earlier daemon left that this one could not take over, by ublk id. */
+  readonly #unrecovered = new Map<number, { entry: TrackedEntry; report: Unrecovered }>();
+  #recovery: RecoveryReport = {
+    stateFile: "",
+    stateFileError: null,
+    previousPid: 0,
+    recovered: [],
+    unrecovered: [],
+    removed: [],
+    lostSnapshots: [],
+  };
 
   private constructor(libc: Libc, ctrl: UblkControl, options: DaemonOptions) {
     this.#libc = libc;
     this.#ctrl = ctrl;
     this.options = options;
+    this.statePath = options.statePath ?? besideSocket(options.socketPath, "state");
     this.snapshots = new Snapshots({
       libc,
       ctrl,
@@ -148,16 +190,48 @@ export class Daemon {
   snapshotAdd(args: ArgsOf<"snapshot_add">) {
     return this.snapshots.add(args.id, args.device);
   }
-  snapshotTake(id: string) {
-    return this.snapshots.take(id);
+  async snapshotTake(id: string) {
+    try {
+      return await this.snapshots.take(id);
+    } finally {
+      this.#saveState();
+    }
   }
-  snapshotDestroy(id: string) {
-    return this.snapshots.destroy(id);
+  async snapshotDestroy(id: string) {
+    // A snapshot lost with a dead daemon is already gone: destroying it succeeds, as
+    // destroying a corrupted snapshot does.
+    if (this.#lost.delete(id)) {
+      log(`snapshot_destroy of ${id}: it was lost with the daemon that held it; nothing left`);
+      return { id };
+    }
+    try {
+      return await this.snapshots.destroy(id);
+    } finally {
+      this.#saveState();
+    }
   }
   snapshotCollect() {
     return this.snapshots.collect();
   }
-  snapshotWaitEvent(id: string, timeoutMs: number) {
+  snapshotWaitEvent(id: string, timeoutMs: number): ReturnType<Snapshots["waitEvent"]> {
+    const lost = this.#lost.get(id);
+    if (lost && !lost.reported) {
+      // Its one event: corrupted (ENODEV), as a watcher of it would have seen.
+      lost.reported = true;
+      return Promise.resolve({
+        result: "ok",
+        time: lost.at,
+        event: "corrupted",
+        code: 0,
+        device: lost.device,
+        errorCode: ERRNO.ENODEV,
+      });
+    }
+    if (lost) {
+      return Promise.reject(
+        new BlksnapError("ESRCH", `Snapshot ${id} was lost when its daemon died`),
+      );
+    }
     return this.snapshots.waitEvent(id, timeoutMs);
   }
 
@@ -191,6 +265,8 @@ export class Daemon {
     const ours = new Set([
       ...[...this.#tracked.values()].map((t) => t.info.ublkId),
       ...this.snapshots.ublkIds(),
+      ...this.#starting.keys(),
+      ...this.#unrecovered.keys(),
     ]);
     const ids: number[] = [];
     try {
@@ -224,6 +300,10 @@ export class Daemon {
     return {
       ...this.version(),
       foreignDevices: await this.foreignDevices(),
+      recovery: {
+        ...this.#recovery,
+        unrecovered: [...this.#unrecovered.values()].map((u) => u.report),
+      },
       startedAt: this.startedAt.toISOString(),
       socket: this.options.socketPath,
       params: this.options.params,
@@ -287,6 +367,13 @@ export class Daemon {
       throw new BlksnapError("EALREADY", `Cannot attach "${path}": an attach of it is in progress`);
     }
     this.#attaching.add(id.key);
+    let stale: number[];
+    try {
+      stale = await this.#refuseSecondDevice(path, id.key);
+    } catch (err) {
+      this.#attaching.delete(id.key);
+      throw err;
+    }
     let fd = -1;
     let device: UblkDevice | undefined;
     let pipe: DevicePipe | undefined;
@@ -294,14 +381,34 @@ export class Daemon {
       const original = openOriginal(this.#libc, id, "attach");
       fd = original.fd;
       const readOnly = original.readOnly;
+      for (const devId of stale) {
+        await this.#deleteLeftDevice(
+          devId,
+          "tracked",
+          id.key,
+          `a tracked device of ${path} left dead`,
+        );
+      }
       const geo = readGeometry(this.#libc, fd, id);
       validateGeometry(path, geo);
-      pipe = new DevicePipe(this.#libc, {
-        sizeBytes: geo.sizeBytes,
-        minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+      // A new attach starts a new map (as the module does), in a file that outlives this daemon.
+      const cbtFile = CbtFile.open(this.#libc, cbtFilePath(this.statePath, id.key), {
+        capacitySectors: geo.sizeBytes / 512,
         params: this.options.params,
-        queues: this.options.queues,
+        reuse: false,
       });
+      try {
+        pipe = new DevicePipe(this.#libc, {
+          sizeBytes: geo.sizeBytes,
+          minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+          params: this.options.params,
+          queues: this.options.queues,
+          cbtFile,
+        });
+      } catch (err) {
+        cbtFile.remove();
+        throw err;
+      }
       device = await UblkDevice.create(this.#ctrl, this.#libc, {
         queues: this.options.queues,
         depth: this.options.queueDepth,
@@ -310,6 +417,29 @@ export class Daemon {
         target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
         recovery: true,
         onFatal: (message) => this.#onQueueFatal(id.key, message),
+        ownerTag: encodeOwnerTag({ role: "tracked", originalDevice: id.key }),
+        // Recorded before START_DEV: a daemon killed from here on leaves a
+        // device the next one must find.
+        onAdded: (devId) => {
+          this.#starting.set(devId, {
+            role: "tracked",
+            ublkId: devId,
+            original: path,
+            originalDevice: id.key,
+            tracked: `/dev/ublkb${devId}`,
+            trackedDevice: "",
+            sizeBytes: geo.sizeBytes,
+            logicalBlockSize: geo.logicalBlockSize,
+            physicalBlockSize: geo.physicalBlockSize,
+            queues: this.options.queues,
+            queueDepth: this.options.queueDepth,
+            maxIoBufBytes: this.options.maxIoBufBytes,
+            phase: "starting",
+            cbtGenerationId: pipe!.cbt.generationId,
+            attachedAt: new Date().toISOString(),
+          });
+          this.#saveState();
+        },
       });
       const trackedRdev = Deno.statSync(device.blockPath).rdev ?? 0;
       const info: TrackedInfo = {
@@ -342,6 +472,8 @@ export class Daemon {
         pipe,
         snapshotId: null,
       });
+      this.#starting.delete(info.ublkId);
+      this.#saveState();
       fd = -1;
       device = undefined;
       pipe = undefined;
@@ -359,6 +491,10 @@ export class Daemon {
       pipe?.close();
       throw err;
     } finally {
+      for (const [devId, e] of this.#starting) {
+        if (e.originalDevice === id.key) this.#starting.delete(devId);
+      }
+      this.#saveState();
       this.#attaching.delete(id.key);
       if (fd >= 0) this.#libc.close(fd);
     }
@@ -417,7 +553,11 @@ export class Daemon {
     // Parked writes must go before STOP_DEV can complete.
     t.pipe.ctl.openGate();
     t.pipe.stopCow();
-    await t.device.destroy(afterStop);
+    try {
+      await t.device.destroy(afterStop);
+    } finally {
+      this.#saveState();
+    }
     // Only once every queue has exited: a queue still using the number would
     // write into whatever file reuses it.
     this.#libc.close(t.originalFd);
@@ -431,6 +571,518 @@ export class Daemon {
     t.detaching = true;
     log(`stopping ${t.info.tracked}: a queue of it failed; I/O to it now fails`);
     this.#track(this.#remove(t)).catch((err) => log(`removing ${t.info.tracked} failed: ${err}`));
+  }
+
+  /** What the state file must say now: every device this daemon serves or left unrecovered. */
+  #currentState(): DaemonState {
+    const state = emptyState();
+    const devices: DeviceEntry[] = [];
+    for (const t of this.#tracked.values()) {
+      devices.push({
+        role: "tracked",
+        ublkId: t.info.ublkId,
+        original: t.info.original,
+        originalDevice: t.info.originalDevice,
+        tracked: t.info.tracked,
+        trackedDevice: t.info.trackedDevice,
+        sizeBytes: t.info.sizeBytes,
+        logicalBlockSize: t.info.logicalBlockSize,
+        physicalBlockSize: t.info.physicalBlockSize,
+        queues: t.info.queues,
+        queueDepth: t.info.queueDepth,
+        maxIoBufBytes: t.device.info.maxIoBufBytes,
+        phase: "live",
+        cbtGenerationId: t.pipe.cbt.generationId,
+        attachedAt: t.info.attachedAt,
+      });
+    }
+    for (const e of this.#starting.values()) devices.push(e);
+    for (const u of this.#unrecovered.values()) devices.push(u.entry);
+    const byTracked = new Map([...this.#tracked.values()].map((t) => [t.info.tracked, t]));
+    const snaps = this.snapshots.status();
+    for (const sn of snaps) {
+      for (const d of sn.devices) {
+        const m = d.image ? /^\/dev\/ublkb(\d+)$/.exec(d.image) : null;
+        const t = byTracked.get(d.tracked);
+        if (!m || !t) continue;
+        devices.push({
+          role: "image",
+          ublkId: Number(m[1]),
+          originalDevice: t.info.originalDevice,
+          snapshotId: sn.id,
+        });
+      }
+    }
+    const seen = new Set<number>();
+    state.devices = devices.filter((d) => !seen.has(d.ublkId) && seen.add(d.ublkId));
+    state.snapshots = snaps.map((sn) => ({
+      id: sn.id,
+      devices: sn.devices.map((d) => d.original),
+      storage: sn.storage.path,
+      taken: sn.taken,
+    }));
+    return state;
+  }
+
+  /**
+   * Rewrites the state file. A failure is logged, never thrown: the devices
+   * still work, and their owner tags keep an original from a second device.
+   */
+  #saveState(): void {
+    try {
+      writeStateFile(this.statePath, this.#currentState());
+    } catch (err) {
+      log(`warning: ${err instanceof Error ? err.message : err}`);
+    }
+  }
+
+  /**
+   * Refuses an attach of an original that already backs a ublk device this
+   * daemon does not serve: one a dead daemon left (quiesced), or one another
+   * daemon serves. The owner tag in each device's ublksrv_flags decides, so
+   * this holds without the state file too.
+   */
+  async #refuseSecondDevice(path: string, key: string): Promise<number[]> {
+    for (const u of this.#unrecovered.values()) {
+      if (u.entry.originalDevice === key) {
+        throw new BlksnapError(
+          "EBUSY",
+          `Cannot attach "${path}": it already backs ${u.report.tracked}, left by a daemon that died (${u.report.reason}); ${u.report.hint}`,
+        );
+      }
+    }
+    const stale: number[] = [];
+    const ours = new Set([...this.#tracked.values()].map((t) => t.info.ublkId));
+    for (const devId of listUblkIds()) {
+      if (ours.has(devId) || this.#starting.has(devId)) continue;
+      let info;
+      try {
+        info = await this.#ctrl.getDevInfo(devId);
+      } catch {
+        continue; // gone meanwhile
+      }
+      const tag = decodeOwnerTag(info.ublksrvFlags);
+      if (!tag || tag.role !== "tracked" || tag.originalDevice !== key) continue;
+      if (info.state === UBLK_DEV_STATE.DEAD && !pidAlive(info.ublksrvPid)) {
+        // Never started, or stopped: no I/O waits on it. Deleted once this
+        // attach holds the original (so no other daemon is making it now).
+        stale.push(devId);
+        continue;
+      }
+      const alive = info.state === UBLK_DEV_STATE.LIVE && pidAlive(info.ublksrvPid);
+      throw new BlksnapError(
+        "EBUSY",
+        alive
+          ? `Cannot attach "${path}": the device is in use: it is already tracked as /dev/ublkb${devId} by another blksnap daemon (pid ${info.ublksrvPid}); use that daemon's socket`
+          : `Cannot attach "${path}": it already backs /dev/ublkb${devId} (${
+            stateName(info.state)
+          }), left by a blksnap daemon that died; "blksnap recover" takes it over, "blksnap detach --force --device /dev/ublkb${devId}" deletes it`,
+      );
+    }
+    return stale;
+  }
+
+  /**
+   * Takes over what the daemon before this one left, as its state file says:
+   * every quiesced tracked device is recovered (its waiting I/O resumes, with
+   * a new CBT map: the old one did not survive), every snapshot image is
+   * deleted (snapshots are not persistent) and every snapshot is reported
+   * lost. A device that cannot be recovered is left as it is and reported.
+   * Runs before the socket serves, after the daemon lock is taken.
+   */
+  async recoverPrevious(): Promise<RecoveryReport> {
+    const report = this.#recovery;
+    report.stateFile = this.statePath;
+    let state: DaemonState | null = null;
+    try {
+      state = readStateFile(this.statePath);
+    } catch (err) {
+      const aside = moveAside(this.statePath);
+      report.stateFileError = `${err instanceof Error ? err.message : err}${
+        aside ? ` (moved to ${aside})` : ""
+      }`;
+      log(`warning: ${report.stateFileError}; devices it named are not recovered`);
+    }
+    if (state) {
+      report.previousPid = state.pid;
+      const imagesOf = new Map<string, number[]>();
+      for (const e of state.devices) {
+        if (e.role !== "image") continue;
+        imagesOf.set(e.snapshotId, [...(imagesOf.get(e.snapshotId) ?? []), e.ublkId]);
+        await this.#removeImage(e.ublkId, e.originalDevice, e.snapshotId);
+      }
+      for (const sn of state.snapshots) {
+        const reason =
+          `the daemon that held it (pid ${state.pid}) stopped without destroying it; ` +
+          `its copy-on-write state is lost, its images are removed and its difference storage released`;
+        report.lostSnapshots.push({ id: sn.id, devices: sn.devices, storage: sn.storage, reason });
+        const first = state.devices.find((d) =>
+          d.role === "tracked" && sn.devices.includes(d.original)
+        );
+        this.#lost.set(sn.id, {
+          device: first?.originalDevice ?? "0:0",
+          at: Date.now(),
+          reported: false,
+        });
+        log(`snapshot ${sn.id} (${sn.devices.join(", ")}) is corrupted: ${reason}`);
+      }
+      for (const e of state.devices) {
+        if (e.role === "tracked") await this.#recoverTracked(e);
+      }
+    }
+    await this.#removeOrphanImages();
+    this.#saveState();
+    return report;
+  }
+
+  /** `blksnap recover`: tries again every device left unrecovered. */
+  recover(): Promise<RecoveryReport> {
+    return this.#track((async () => {
+      this.#refuseWhenStopping();
+      const before = this.#recovery.recovered.length;
+      const left = [...this.#unrecovered.values()].map((u) => u.entry);
+      left.push(...await this.#adoptable());
+      for (const e of left) {
+        this.#unrecovered.delete(e.ublkId);
+        await this.#recoverTracked(e);
+      }
+      this.#saveState();
+      log(
+        `recover: ${this.#recovery.recovered.length - before} of ${left.length} recovered`,
+      );
+      return {
+        ...this.#recovery,
+        unrecovered: [...this.#unrecovered.values()].map((u) => u.report),
+      };
+    })());
+  }
+
+  /**
+   * `blksnap detach --force`: a device this daemon serves is detached as
+   * usual; one a dead daemon left and this one could not recover is deleted
+   * (STOP_DEV fails the I/O waiting on it) unless it is mounted or open.
+   */
+  detachForce(path: string): Promise<{ device: string; tracked: string; ublkId: number }> {
+    return this.#track((async () => {
+      this.#refuseWhenStopping();
+      const id = identifyBlockDevice(path, "detach");
+      const t = this.#find(id);
+      if (t) {
+        const info = await this.#detach(path);
+        return { device: info.original, tracked: info.tracked, ublkId: info.ublkId };
+      }
+      const u = [...this.#unrecovered.values()].find((x) =>
+        x.entry.originalDevice === id.key || x.entry.tracked === path ||
+        (x.entry.trackedDevice !== "" && x.entry.trackedDevice === id.key)
+      );
+      if (!u) throw new BlksnapError("ENOENT", `Cannot detach "${path}": it is not tracked`);
+      const e = u.entry;
+      // Refused while mounted or held: that would pull the disk from under it.
+      let guard = -1;
+      try {
+        guard = this.#libc.open(e.tracked, O.RDONLY | O.EXCL | O.CLOEXEC);
+      } catch (err) {
+        if (err instanceof ErrnoError && err.code === "EBUSY") {
+          throw new BlksnapError(
+            "EBUSY",
+            `Cannot detach "${path}": ${e.tracked} is mounted or open; unmount it first`,
+          );
+        }
+        if (!(err instanceof ErrnoError && err.code === "ENOENT")) throw err;
+      }
+      try {
+        await this.#ctrl.stopDev(e.ublkId);
+      } finally {
+        if (guard >= 0) this.#libc.close(guard);
+      }
+      await this.#ctrl.delDevAsync(e.ublkId);
+      this.#unrecovered.delete(e.ublkId);
+      removeFile(cbtFilePath(this.statePath, e.originalDevice));
+      this.#saveState();
+      log(`deleted ${e.tracked} over ${e.original} (left by a dead daemon, not recovered)`);
+      return { device: e.original, tracked: e.tracked, ublkId: e.ublkId };
+    })());
+  }
+
+  /**
+   * Quiesced tracked devices (by their owner tag) that no state file this
+   * daemon read names, e.g. when the file was lost: `recover` takes them over
+   * too. Their original is known by number only; their CBT map is reset.
+   */
+  async #adoptable(): Promise<TrackedEntry[]> {
+    const known = new Set([
+      ...[...this.#tracked.values()].map((t) => t.info.ublkId),
+      ...this.#unrecovered.keys(),
+      ...this.#starting.keys(),
+    ]);
+    const out: TrackedEntry[] = [];
+    for (const devId of listUblkIds()) {
+      if (known.has(devId)) continue;
+      let info;
+      try {
+        info = await this.#ctrl.getDevInfo(devId);
+      } catch {
+        continue;
+      }
+      const tag = decodeOwnerTag(info.ublksrvFlags);
+      if (!tag || tag.role !== "tracked" || info.state !== UBLK_DEV_STATE.QUIESCED) continue;
+      out.push({
+        role: "tracked",
+        ublkId: devId,
+        original: `/dev/block/${tag.originalDevice}`,
+        originalDevice: tag.originalDevice,
+        tracked: `/dev/ublkb${devId}`,
+        trackedDevice: "",
+        sizeBytes: 0, // unknown: the original's own
+        logicalBlockSize: 0,
+        physicalBlockSize: 0,
+        queues: info.nrHwQueues,
+        queueDepth: info.queueDepth,
+        maxIoBufBytes: info.maxIoBufBytes,
+        phase: "live",
+        cbtGenerationId: "",
+        attachedAt: new Date().toISOString(),
+      });
+    }
+    return out;
+  }
+
+  async #removeImage(devId: number, originalDevice: string, snapshotId: string): Promise<void> {
+    let info;
+    try {
+      info = await this.#ctrl.getDevInfo(devId);
+    } catch {
+      return; // already gone
+    }
+    const tag = decodeOwnerTag(info.ublksrvFlags);
+    if (!tag || tag.role !== "image" || tag.originalDevice !== originalDevice) return;
+    if (info.state === UBLK_DEV_STATE.LIVE && pidAlive(info.ublksrvPid)) return;
+    await this.#deleteLeftDevice(devId, "image", originalDevice, `image of snapshot ${snapshotId}`);
+  }
+
+  /** Images a killed daemon made after it last wrote the state file: its tag says whose. */
+  async #removeOrphanImages(): Promise<void> {
+    for (const devId of listUblkIds()) {
+      if ([...this.#tracked.values()].some((t) => t.info.ublkId === devId)) continue;
+      let info;
+      try {
+        info = await this.#ctrl.getDevInfo(devId);
+      } catch {
+        continue;
+      }
+      const tag = decodeOwnerTag(info.ublksrvFlags);
+      // pid 0: not started yet, maybe by a live daemon: not ours to judge.
+      if (!tag || tag.role !== "image" || info.ublksrvPid <= 0) continue;
+      if (pidAlive(info.ublksrvPid)) continue;
+      await this.#deleteLeftDevice(devId, "image", tag.originalDevice, "image of a lost snapshot");
+    }
+  }
+
+  /**
+   * Deletes a device a dead daemon left. A dead disk is gone already; the
+   * asynchronous delete frees the number once a filesystem still mounted on
+   * it is unmounted.
+   */
+  async #deleteLeftDevice(
+    devId: number,
+    role: string,
+    original: string,
+    what: string,
+  ): Promise<void> {
+    try {
+      const info = await this.#ctrl.getDevInfo(devId);
+      if (info.state !== UBLK_DEV_STATE.DEAD) await this.#ctrl.stopDev(devId);
+      await this.#ctrl.delDevAsync(devId);
+      if (role === "tracked") removeFile(cbtFilePath(this.statePath, original));
+      const reason =
+        `${what}: snapshots do not survive their daemon (unmount it if it is still mounted)`;
+      this.#recovery.removed.push({ ublkId: devId, role, original, reason });
+      log(`removed /dev/ublkb${devId}, ${reason}`);
+    } catch (err) {
+      log(`removing /dev/ublkb${devId} (${what}) failed: ${err}`);
+    }
+  }
+
+  async #recoverTracked(e: TrackedEntry): Promise<void> {
+    const fail = (reason: string, hint: string) => {
+      const report: Unrecovered = {
+        original: e.original,
+        originalDevice: e.originalDevice,
+        tracked: e.tracked,
+        ublkId: e.ublkId,
+        reason,
+        hint,
+      };
+      this.#unrecovered.set(e.ublkId, { entry: e, report });
+      log(`NOT recovered: ${e.tracked} over ${e.original}: ${reason}; ${hint}`);
+    };
+    let info;
+    try {
+      info = await this.#ctrl.getDevInfo(e.ublkId);
+    } catch (err) {
+      if (err instanceof ErrnoError && err.code === "ENODEV") {
+        log(`${e.tracked} (over ${e.original}) no longer exists: nothing to recover`);
+        return;
+      }
+      return fail(`GET_DEV_INFO failed: ${err}`, "restart the daemon to try again");
+    }
+    const tag = decodeOwnerTag(info.ublksrvFlags);
+    if (!tag || tag.role !== "tracked" || tag.originalDevice !== e.originalDevice) {
+      log(`ublk device ${e.ublkId} is no longer the tracked device of ${e.original}: skipped`);
+      return;
+    }
+    // The kernel quiesces the device once the dead server's exit is done.
+    const deadline = performance.now() + 30_000;
+    while (
+      info.state === UBLK_DEV_STATE.LIVE && !pidAlive(info.ublksrvPid) &&
+      performance.now() < deadline
+    ) {
+      await new Promise((r) => setTimeout(r, 20));
+      info = await this.#ctrl.getDevInfo(e.ublkId);
+    }
+    if (info.state === UBLK_DEV_STATE.LIVE) {
+      return fail(
+        `it is served by process ${info.ublksrvPid}`,
+        "stop that process first; this daemon leaves the device alone",
+      );
+    }
+    if (info.state === UBLK_DEV_STATE.DEAD) {
+      // Never started (killed during attach), or stopped by the kernel: no
+      // I/O can wait on it. Delete it so the original can be attached again.
+      await this.#deleteLeftDevice(
+        e.ublkId,
+        "tracked",
+        e.originalDevice,
+        `tracked device of ${e.original} that was not running`,
+      );
+      return;
+    }
+    if (info.state !== UBLK_DEV_STATE.QUIESCED) {
+      return fail(`its state is ${stateName(info.state)}`, "detach it by hand");
+    }
+    if ((info.flags & UBLK_F.USER_RECOVERY) === 0n) {
+      return fail(
+        "it was made without user recovery",
+        `unmount it and run "blksnap detach --force --device ${e.tracked}"`,
+      );
+    }
+    let fd = -1;
+    let pipe: DevicePipe | undefined;
+    let cbtResetReason: string | null = null;
+    const t0 = performance.now();
+    try {
+      let id: BlockDeviceId | undefined;
+      try {
+        id = identifyBlockDevice(e.original, "recover");
+      } catch {
+        id = undefined;
+      }
+      if (id?.key !== e.originalDevice) {
+        // The path names another device now; the number may still be there.
+        id = identifyBlockDevice(`/dev/block/${e.originalDevice}`, "recover");
+      }
+      if (id.key !== e.originalDevice) {
+        throw new BlksnapError(
+          "ENODEV",
+          `"${e.original}" is now ${id.key}, not ${e.originalDevice}: the original is gone`,
+        );
+      }
+      const original = openOriginal(this.#libc, id, "recover the tracked device of");
+      fd = original.fd;
+      const geo = readGeometry(this.#libc, fd, id);
+      if (e.sizeBytes !== 0 && geo.sizeBytes !== e.sizeBytes) {
+        throw new BlksnapError(
+          "EINVAL",
+          `"${e.original}" is now ${geo.sizeBytes} bytes, not ${e.sizeBytes}`,
+        );
+      }
+      // The map the dead daemon kept marking, when it can be trusted; else a new one.
+      const cbtFile = CbtFile.open(this.#libc, cbtFilePath(this.statePath, id.key), {
+        capacitySectors: geo.sizeBytes / 512,
+        params: this.options.params,
+        reuse: true,
+      });
+      cbtResetReason = cbtFile.resetReason;
+      try {
+        pipe = new DevicePipe(this.#libc, {
+          sizeBytes: geo.sizeBytes,
+          minimumIoBytes: Math.max(geo.logicalBlockSize, geo.physicalBlockSize),
+          params: this.options.params,
+          queues: info.nrHwQueues,
+          cbtFile,
+        });
+      } catch (err) {
+        cbtFile.close();
+        throw err;
+      }
+      const key = id.key;
+      const device = await UblkDevice.recover(this.#ctrl, this.#libc, {
+        info,
+        target: { kind: "tracked", originalFd: fd, device: pipe.shared, wakeFds: pipe.wakeFds },
+        onFatal: (message) => this.#onQueueFatal(key, message),
+      });
+      const recoveryMs = performance.now() - t0;
+      const trackedRdev = Deno.statSync(device.blockPath).rdev ?? 0;
+      const trackedInfo: TrackedInfo = {
+        original: e.original,
+        originalDevice: e.originalDevice,
+        tracked: device.blockPath,
+        trackedDevice: devTKey(trackedRdev),
+        readOnly: original.readOnly,
+        ublkId: device.devId,
+        sizeBytes: geo.sizeBytes,
+        logicalBlockSize: geo.logicalBlockSize,
+        physicalBlockSize: geo.physicalBlockSize,
+        queues: device.queues,
+        queueDepth: device.depth,
+        userRecovery: device.recovery,
+        attachedAt: e.attachedAt,
+      };
+      this.#tracked.set(key, {
+        info: trackedInfo,
+        device,
+        originalFd: fd,
+        detaching: false,
+        original: e.original,
+        originalKey: key,
+        tracked: trackedInfo.tracked,
+        trackedKey: trackedInfo.trackedDevice,
+        sizeBytes: geo.sizeBytes,
+        logicalBlockSize: geo.logicalBlockSize,
+        physicalBlockSize: geo.physicalBlockSize,
+        pipe,
+        snapshotId: null,
+      });
+      fd = -1;
+      this.#recovery.recovered.push({
+        original: e.original,
+        tracked: trackedInfo.tracked,
+        ublkId: device.devId,
+        previousGenerationId: e.cbtGenerationId,
+        generationId: pipe.cbt.generationId,
+        cbtResetReason,
+        recoveryMs: Math.round(recoveryMs),
+      });
+      log(
+        `recovered ${trackedInfo.tracked} over ${e.original} in ${Math.round(recoveryMs)} ms ` +
+          `(${JSON.stringify(device.recoveryPhasesMs)}); ` +
+          (cbtResetReason === null
+            ? `CBT map kept (generation ${pipe.cbt.generationId})`
+            : `CBT map reset, ${cbtResetReason} (generation ${e.cbtGenerationId} -> ` +
+              `${pipe.cbt.generationId}): the next backup must be a full one`),
+      );
+      pipe = undefined;
+      if (device.failure) this.#onQueueFatal(key, device.failure);
+    } catch (err) {
+      // The map file stays for the next attempt (recover, or the next daemon).
+      pipe?.close({ keepCbtMap: true });
+      if (fd >= 0) this.#libc.close(fd);
+      fail(
+        err instanceof Error ? err.message : String(err),
+        'I/O to it waits: fix the cause and run "blksnap recover", or unmount it and ' +
+          `run "blksnap detach --force --device ${e.tracked}" (the waiting I/O then fails)`,
+      );
+    }
   }
 
   #refuseWhenStopping(): void {
@@ -462,6 +1114,42 @@ export class Daemon {
     }
     this.#ctrl.close();
   }
+}
+
+function stateName(state: number): string {
+  return ["dead", "live", "quiesced", "fail_io"][state] ?? `state ${state}`;
+}
+
+function removeFile(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // not there
+  }
+}
+
+/** True while a process with this pid exists. */
+function pidAlive(pid: number): boolean {
+  if (pid <= 0) return false;
+  try {
+    return Deno.statSync(`/proc/${pid}`).isDirectory;
+  } catch {
+    return false;
+  }
+}
+
+/** Ids of every ublk device that exists now (/sys/class/ublk-char). */
+function listUblkIds(): number[] {
+  const ids: number[] = [];
+  try {
+    for (const e of Deno.readDirSync("/sys/class/ublk-char")) {
+      const m = /^ublkc(\d+)$/.exec(e.name);
+      if (m) ids.push(Number(m[1]));
+    }
+  } catch {
+    // no ublk devices (class absent)
+  }
+  return ids.sort((a, b) => a - b);
 }
 
 function validateGeometry(path: string, geo: Geometry): void {

@@ -8,6 +8,7 @@
  */
 import { EFD_CLOEXEC, type Libc } from "../../ffi/libc.ts";
 import { CbtMap } from "../engine/cbt_map.ts";
+import type { CbtFile } from "./cbt_file.ts";
 import { type ChunkGeometry, chunkGeometry } from "../engine/chunk.ts";
 import type { Params } from "../engine/params.ts";
 import { BufferPool } from "../pipeline/buffer_pool.ts";
@@ -33,18 +34,24 @@ export class DevicePipe {
   #poolBytes = 0;
   #imageWakeFds: number[] = [];
 
+  #cbtFile: CbtFile | null;
+
   constructor(libc: Libc, options: {
     sizeBytes: number;
     minimumIoBytes: number;
     params: Params;
     queues: number;
+    /** The CBT map's file (cbt_file.ts); without one the map lives in the heap. */
+    cbtFile?: CbtFile;
   }) {
     assert(options.queues <= MAX_QUEUES, "too many queues");
     this.#libc = libc;
     this.#waker = new Waker(libc);
     const sizeSectors = options.sizeBytes / 512;
     this.geometry = chunkGeometry(sizeSectors, options.params, options.minimumIoBytes);
-    this.cbt = CbtMap.create(sizeSectors, options.params);
+    // The caller keeps the file until the pipe is made (a failure here leaves it to it).
+    this.#cbtFile = null;
+    this.cbt = options.cbtFile?.map ?? CbtMap.create(sizeSectors, options.params);
     this.chunks = ChunkMap.create(this.geometry.chunkCount);
     assert(this.chunks.shared.byteLength === chunkMapBytes(this.geometry.chunkCount), "chunk map");
     this.pool = BufferPool.create(options.params.freeDiffBufferPoolSize);
@@ -58,6 +65,7 @@ export class DevicePipe {
       this.close();
       throw err;
     }
+    this.#cbtFile = options.cbtFile ?? null;
     const w = this.ctl.w;
     w[CTL.QUEUES] = options.queues;
     this.wakeFds.forEach((fd, i) => (w[CTL.QUEUE_EFD + i] = fd));
@@ -152,8 +160,14 @@ export class DevicePipe {
     wakeAll(this.#waker, this.ctl);
   }
 
-  /** After the device, its image and every worker are gone. */
-  close(): void {
+  /**
+   * After the device, its image and every worker are gone. The CBT map's
+   * file is deleted, unless `keepCbtMap` (the device stays, for a later
+   * daemon to take over with its map).
+   */
+  close(options: { keepCbtMap?: boolean } = {}): void {
+    if (options.keepCbtMap) this.#cbtFile?.close();
+    else this.#cbtFile?.remove();
     this.setImageQueues(false);
     // Still armed means a take could not be ended cleanly: leak the memory, never unmap it.
     this.#poolPtr = null;

@@ -31,6 +31,13 @@ export type Request =
   | { op: "status"; args: Record<string, never> }
   | { op: "attach"; args: { device: string } }
   | { op: "detach"; args: { device: string } }
+  /** Retries the take-over of every device a dead daemon left that is not recovered yet. */
+  | { op: "recover"; args: Record<string, never> }
+  /**
+   * detach, and for a device a dead daemon left that could not be recovered:
+   * delete it (refused while it is mounted; I/O waiting on it fails).
+   */
+  | { op: "detach_force"; args: { device: string } }
   | { op: "shutdown"; args: Record<string, never> }
   | { op: "cbtinfo"; args: { device: string } }
   | { op: "readcbtmap"; args: { device: string } }
@@ -163,8 +170,45 @@ export interface SnapshotStatus {
   storage: StorageStatus;
 }
 
+/** What the daemon found at its start that an earlier daemon left (state file, owner tags). */
+export interface RecoveryReport {
+  /** The state file it read ("" when there was none). */
+  stateFile: string;
+  /** Why the state file could not be used, or null. */
+  stateFileError: string | null;
+  /** The pid of the daemon that wrote it, or 0. */
+  previousPid: number;
+  /** Tracked devices taken over, with their CBT map unless it could not be trusted. */
+  recovered: Array<{
+    original: string;
+    tracked: string;
+    ublkId: number;
+    previousGenerationId: string;
+    generationId: string;
+    /** Why the CBT map was reset with a new generation id; null when it was kept. */
+    cbtResetReason: string | null;
+    /** START_USER_RECOVERY to END_USER_RECOVERY. */
+    recoveryMs: number;
+  }>;
+  /** Tracked devices left as the kernel has them; `hint` says what to do. */
+  unrecovered: Array<{
+    original: string;
+    originalDevice: string;
+    tracked: string;
+    ublkId: number;
+    reason: string;
+    hint: string;
+  }>;
+  /** Devices deleted: snapshot images, and devices that never started. */
+  removed: Array<{ ublkId: number; role: string; original: string; reason: string }>;
+  /** Snapshots that existed when the previous daemon died: corrupted, gone. */
+  lostSnapshots: Array<{ id: string; devices: string[]; storage: string; reason: string }>;
+}
+
 export interface StatusResult extends VersionResult {
   foreignDevices: ForeignDevice[];
+  /** Absent from daemons without recovery. */
+  recovery?: RecoveryReport;
   startedAt: string;
   socket: string;
   params?: Params;
@@ -275,6 +319,8 @@ export interface ResultMap {
   status: StatusResult;
   attach: TrackedInfo;
   detach: TrackedInfo;
+  recover: RecoveryReport;
+  detach_force: { device: string; tracked: string; ublkId: number };
   shutdown: ShutdownResult;
   cbtinfo: CbtInfoResult;
   readcbtmap: ReadCbtMapResult;
@@ -325,6 +371,8 @@ const ARG_SPECS: Record<Op, Record<string, ArgKind>> = {
   status: {},
   attach: { device: "path" },
   detach: { device: "path" },
+  recover: {},
+  detach_force: { device: "path" },
   shutdown: {},
   cbtinfo: { device: "path" },
   readcbtmap: { device: "path" },

@@ -2,10 +2,12 @@
  * `blksnap daemon`: set up the process, open the ublk control plane, serve the
  * socket, and delete every device on SIGTERM/SIGINT.
  */
-import { cString, type Libc, openLibc } from "../../ffi/libc.ts";
+import { cString, type Libc, MNT_DETACH, openLibc } from "../../ffi/libc.ts";
 import { openLiburing } from "../../ffi/liburing.ts";
 import { Daemon, type DaemonOptions, log } from "./daemon.ts";
 import { ControlServer } from "./server.ts";
+import { DaemonLock } from "./daemon_lock.ts";
+import { besideSocket } from "./state_file.ts";
 
 export interface RunDaemonOptions extends DaemonOptions {
   logFile?: string;
@@ -16,7 +18,20 @@ export interface RunDaemonOptions extends DaemonOptions {
 export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
   if (opts.logFile) redirectLogs(opts.logFile);
   const libc = openLibc();
-  if (opts.privateMounts) enterPrivateMountNamespace(libc);
+  if (opts.privateMounts) {
+    enterPrivateMountNamespace(libc);
+    dropUblkMounts(libc);
+  }
+  // Before anything else: of two daemons started together, one goes on.
+  const dir = opts.socketPath.slice(0, opts.socketPath.lastIndexOf("/")) || "/";
+  Deno.mkdirSync(dir, { recursive: true, mode: 0o755 });
+  let lock: DaemonLock;
+  try {
+    lock = DaemonLock.acquire(besideSocket(opts.socketPath, "lock"));
+  } catch (err) {
+    log(`${err instanceof Error ? err.message : err}: not starting a second one`);
+    return 1;
+  }
   const uring = openLiburing();
   const daemon = await Daemon.start(libc, uring.symbols, opts);
   let server: ControlServer;
@@ -24,9 +39,19 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     server = await ControlServer.listen(daemon, opts.socketPath);
   } catch (err) {
     await daemon.shutdown();
+    lock.release();
     throw err;
   }
   log(`pid ${Deno.pid} listening on ${opts.socketPath}`);
+  // Requests that arrive meanwhile wait in the socket's backlog.
+  const report = await daemon.recoverPrevious();
+  if (report.recovered.length + report.unrecovered.length + report.removed.length > 0) {
+    log(
+      `took over from pid ${report.previousPid}: ${report.recovered.length} recovered, ` +
+        `${report.unrecovered.length} not recovered, ${report.removed.length} removed, ` +
+        `${report.lostSnapshots.length} snapshots lost`,
+    );
+  }
   for (const f of await daemon.foreignDevices()) {
     log(
       `warning: ublk device ${f.ublkId} (${f.state}) belongs to ${
@@ -60,6 +85,7 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     // However serving ended, the devices go with the daemon.
     await stopLogged("socket closed");
   }
+  lock.release();
   log("exited cleanly");
   return 0;
 }
@@ -112,6 +138,42 @@ function enterPrivateMountNamespace(libc: Libc): void {
   log(
     `warning: execv(${unshare}) failed (errno ${libc.errno()}); running in the shared mount namespace`,
   );
+}
+
+/**
+ * The private namespace starts as a copy of the caller's, with every
+ * filesystem mounted there at that moment: mounts of ublk devices (this
+ * program's tracked devices and images, e.g. those a dead daemon left) would
+ * stay pinned here after the user unmounts them, and detach would find them
+ * busy. Detach them from this namespace only (lazily: nothing is written).
+ */
+function dropUblkMounts(libc: Libc): void {
+  let self: string;
+  try {
+    if (Deno.readLinkSync("/proc/self/ns/mnt") === Deno.readLinkSync("/proc/1/ns/mnt")) return;
+    self = Deno.readTextFileSync("/proc/self/mountinfo");
+  } catch {
+    return;
+  }
+  const targets: string[] = [];
+  for (const line of self.split("\n")) {
+    // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER-OPTIONS
+    const [left, right] = line.split(" - ");
+    if (!left || !right) continue;
+    const source = right.split(" ")[1] ?? "";
+    if (!/^\/dev\/ublkb\d+(p\d+)?$/.test(source)) continue;
+    const mountPoint = (left.split(" ")[4] ?? "").replace(
+      /\\([0-7]{3})/g,
+      (_, o: string) => String.fromCharCode(parseInt(o, 8)),
+    );
+    if (mountPoint) targets.push(mountPoint);
+  }
+  // Deepest first, so a mount on top of another goes before it.
+  for (const t of targets.sort((a, b) => b.length - a.length)) {
+    if (libc.sym.umount2(cString(t), MNT_DETACH) !== 0) {
+      log(`warning: cannot drop ${t} from the daemon's mount namespace (errno ${libc.errno()})`);
+    }
+  }
 }
 
 function redirectLogs(path: string): void {

@@ -24,6 +24,8 @@ export type DaemonApi = Pick<
   | "status"
   | "attach"
   | "detach"
+  | "recover"
+  | "detachForce"
   | "cbtInfo"
   | "readCbtMap"
   | "markDirty"
@@ -193,6 +195,10 @@ export class ControlServer {
         return d.attach(args.device!);
       case "detach":
         return d.detach(args.device!);
+      case "recover":
+        return d.recover();
+      case "detach_force":
+        return d.detachForce(argsOf(req, "detach_force").device);
       case "shutdown":
         queueMicrotask(() => this.#requestShutdown());
         return { stopping: true };

@@ -17,6 +17,8 @@ function fakeDaemon(calls: string[]): DaemonApi {
       );
     },
     detach: () => Promise.reject(new BlksnapError("ENOENT", "not tracked")),
+    recover: () => Promise.reject(new BlksnapError("ENOENT", "nothing to recover")),
+    detachForce: () => Promise.reject(new BlksnapError("ENOENT", "not tracked")),
     cbtInfo: notTracked,
     readCbtMap: notTracked,
     markDirty: notTracked,

@@ -27,6 +27,7 @@ import { UblkDevice } from "../ublk/device.ts";
 import { Waker } from "../ublk/targets/waker.ts";
 import { EFD_CLOEXEC } from "../../ffi/libc.ts";
 import { identifyBlockDevice, openExclusive, ublkParams } from "./block_device.ts";
+import { encodeOwnerTag } from "./owner_tag.ts";
 import { freezeAll, thawAll } from "./freeze.ts";
 import type { DevicePipe } from "./pipe.ts";
 import { type OpenStorage, openStorage } from "./storage.ts";
@@ -440,6 +441,7 @@ export class Snapshots {
             wakeFds: d.pipe.imageWakeFds,
           },
           recovery: false,
+          ownerTag: encodeOwnerTag({ role: "image", originalDevice: d.originalKey }),
           onFatal: (message) => {
             host.log(`image of ${d.original} failed: ${message}`);
             // Its parked requests and claimed chunks are lost: the snapshot of the device too.

@@ -25,9 +25,19 @@
  * |   20 |    4 | switchSequence (+1 at every take)                  |
  * |   24 |    8 | capacitySectors (Float64)                          |
  * |   32 |   16 | generation UUID (raw bytes)                        |
- * |   48 |   16 | reserved                                           |
+ * |   48 |    4 | updating: 1 while a switch or reset rewrites maps  |
+ * |   52 |   12 | reserved                                           |
  * |   64 |    n | write map, n = blockCount                          |
  * | 64+m |    n | read map, m = n rounded up to 64                   |
+ *
+ * ## Memory outside the JavaScript heap
+ *
+ * The daemon may keep the map in a file it maps shared (so that it outlives
+ * the daemon): {@linkcode CbtMap.overMemory}. A SharedArrayBuffer cannot
+ * wrap such memory, so `shared` is then a small *descriptor* buffer (a
+ * magic word, the address and the length) and {@linkcode CbtMap.fromShared}
+ * in a worker of the same process views the memory by address. Atomics work
+ * on it as on a SharedArrayBuffer.
  *
  * A take happens while the device's writes are quiesced (see `tracker.ts`),
  * so marks never race the copy; a worker marking the write map must do so
@@ -50,6 +60,10 @@ const W_COUNT = 4;
 const W_SEQUENCE = 5;
 const CAPACITY_OFFSET = 24;
 const UUID_OFFSET = 32;
+const W_UPDATING = 12;
+/** Word 0 of a descriptor buffer; never a valid snapNumberActive (1..255). */
+const DESCRIPTOR_MAGIC = 0x4d544243; // "CBTM"
+const DESCRIPTOR_BYTES = 64;
 
 /** What `cbtinfo` reports (`struct blksnap_cbtinfo`). */
 export interface CbtInfo {
@@ -114,17 +128,24 @@ export function uuidFromBytes(bytes: Uint8Array): string {
   }`;
 }
 
+/** Bytes of a map of `blockCount` blocks (the size of a file that holds one). */
+export function cbtMapBytes(blockCount: number): number {
+  return HEADER_BYTES + align64(blockCount) * 2;
+}
+
 /** The CBT map of one device. */
 export class CbtMap {
   #shared!: SharedArrayBuffer;
+  #memory!: ArrayBufferLike;
   #words!: Int32Array;
   #capacity!: Float64Array;
   #uuid!: Uint8Array;
   #writeMap!: Uint8Array;
   #readMap!: Uint8Array;
 
-  private constructor(shared: SharedArrayBuffer) {
-    this.#map(shared);
+  /** `memory` holds the map when it is outside the heap; `shared` then describes it. */
+  private constructor(shared: SharedArrayBuffer, memory: ArrayBufferLike = shared) {
+    this.#view(shared, memory);
   }
 
   /** Makes the map of a device of `capacitySectors`, numbers 1 (active) and 0 (previous). */
@@ -135,33 +156,110 @@ export class CbtMap {
   /** Maps a buffer made by another instance (for example in a worker). */
   static fromShared(shared: SharedArrayBuffer): CbtMap {
     assert(shared.byteLength >= HEADER_BYTES, "CBT buffer too small");
-    return new CbtMap(shared);
+    const d = new Int32Array(shared, 0, 1);
+    if (Atomics.load(d, 0) !== DESCRIPTOR_MAGIC) return new CbtMap(shared);
+    const f = new Float64Array(shared, 8, 2);
+    const ptr = Deno.UnsafePointer.create(BigInt(f[0]!));
+    assert(ptr !== null, "CBT descriptor without an address");
+    return new CbtMap(shared, Deno.UnsafePointerView.getArrayBuffer(ptr, f[1]!));
+  }
+
+  /**
+   * A map in memory outside the heap (a file mapped shared by the caller,
+   * who keeps it mapped as long as any view lives). With `fresh` the header
+   * and both maps are initialised for `capacitySectors` with a new
+   * generation; without it the memory must already hold a map of exactly
+   * that geometry (see {@linkcode CbtMap.check}).
+   */
+  static overMemory(
+    address: number,
+    byteLength: number,
+    geometry: { capacitySectors: number; params: Params; fresh: boolean },
+  ): CbtMap {
+    const ptr = Deno.UnsafePointer.create(BigInt(address));
+    assert(ptr !== null, "CBT memory at address 0");
+    const memory = Deno.UnsafePointerView.getArrayBuffer(ptr, byteLength);
+    const { blockSizeShift, blockCount } = cbtGeometry(geometry.capacitySectors, geometry.params);
+    assert(byteLength === cbtMapBytes(blockCount), "CBT memory of the wrong size");
+    if (geometry.fresh) {
+      new Uint8Array(memory).fill(0);
+      CbtMap.#initHeader(memory, geometry.capacitySectors, blockSizeShift, blockCount);
+    }
+    const descriptor = new SharedArrayBuffer(DESCRIPTOR_BYTES);
+    const f = new Float64Array(descriptor, 8, 2);
+    f[0] = address;
+    f[1] = byteLength;
+    Atomics.store(new Int32Array(descriptor, 0, 1), 0, DESCRIPTOR_MAGIC);
+    return new CbtMap(descriptor, memory);
+  }
+
+  /**
+   * Why the memory does not hold a usable map of this geometry (a daemon
+   * killed in the middle of a switch, another device's map, garbage), or
+   * null when it does.
+   */
+  static check(
+    memory: ArrayBuffer,
+    geometry: { capacitySectors: number; params: Params },
+  ): string | null {
+    const { blockSizeShift, blockCount } = cbtGeometry(geometry.capacitySectors, geometry.params);
+    if (memory.byteLength !== cbtMapBytes(blockCount)) return "its size does not match the device";
+    const w = new Int32Array(memory, 0, HEADER_BYTES / 4);
+    if (w[W_SHIFT] !== blockSizeShift || w[W_COUNT] !== blockCount) {
+      return "its block size or count does not match the device";
+    }
+    if (new Float64Array(memory, CAPACITY_OFFSET, 1)[0] !== geometry.capacitySectors) {
+      return "its capacity does not match the device";
+    }
+    if (
+      !(w[W_ACTIVE]! >= 1 && w[W_ACTIVE]! <= 255 && w[W_PREVIOUS]! >= 0 && w[W_PREVIOUS]! <= 255)
+    ) {
+      return "its snapshot numbers are out of range";
+    }
+    if (w[W_UPDATING] !== 0) return "a switch or reset of it was cut short";
+    return null;
   }
 
   static #allocate(capacitySectors: number, params: Params): SharedArrayBuffer {
     const { blockSizeShift, blockCount } = cbtGeometry(capacitySectors, params);
-    const shared = new SharedArrayBuffer(HEADER_BYTES + align64(blockCount) * 2);
-    const words = new Int32Array(shared, 0, HEADER_BYTES / 4);
+    const shared = new SharedArrayBuffer(cbtMapBytes(blockCount));
+    CbtMap.#initHeader(shared, capacitySectors, blockSizeShift, blockCount);
+    return shared;
+  }
+
+  static #initHeader(
+    memory: ArrayBufferLike,
+    capacitySectors: number,
+    blockSizeShift: number,
+    blockCount: number,
+  ): void {
+    const words = new Int32Array(memory, 0, HEADER_BYTES / 4);
     words[W_ACTIVE] = 1;
     words[W_PREVIOUS] = 0;
     words[W_CORRUPTED] = 0;
     words[W_SHIFT] = blockSizeShift;
     words[W_COUNT] = blockCount;
     words[W_SEQUENCE] = 0;
-    new Float64Array(shared, CAPACITY_OFFSET, 1)[0] = capacitySectors;
-    uuidToBytes(crypto.randomUUID(), new Uint8Array(shared, UUID_OFFSET, 16));
-    return shared;
+    words[W_UPDATING] = 0;
+    new Float64Array(memory, CAPACITY_OFFSET, 1)[0] = capacitySectors;
+    uuidToBytes(crypto.randomUUID(), new Uint8Array(memory, UUID_OFFSET, 16));
   }
 
   #map(shared: SharedArrayBuffer): void {
+    this.#view(shared, shared);
+  }
+
+  /** `shared` goes to workers; `memory` holds the map (the same buffer unless out of the heap). */
+  #view(shared: SharedArrayBuffer, memory: ArrayBufferLike): void {
     this.#shared = shared;
-    this.#words = new Int32Array(shared, 0, HEADER_BYTES / 4);
-    this.#capacity = new Float64Array(shared, CAPACITY_OFFSET, 1);
-    this.#uuid = new Uint8Array(shared, UUID_OFFSET, 16);
+    this.#memory = memory;
+    this.#words = new Int32Array(memory, 0, HEADER_BYTES / 4);
+    this.#capacity = new Float64Array(memory, CAPACITY_OFFSET, 1);
+    this.#uuid = new Uint8Array(memory, UUID_OFFSET, 16);
     const count = this.#words[W_COUNT]!;
-    assert(shared.byteLength === HEADER_BYTES + align64(count) * 2, "CBT buffer size mismatch");
-    this.#writeMap = new Uint8Array(shared, HEADER_BYTES, count);
-    this.#readMap = new Uint8Array(shared, HEADER_BYTES + align64(count), count);
+    assert(memory.byteLength === cbtMapBytes(count), "CBT buffer size mismatch");
+    this.#writeMap = new Uint8Array(memory, HEADER_BYTES, count);
+    this.#readMap = new Uint8Array(memory, HEADER_BYTES + align64(count), count);
   }
 
   /** The buffer to hand to workers; replaced only by {@linkcode reset}. */
@@ -198,7 +296,7 @@ export class CbtMap {
   }
   /** Bytes of memory held by the map. */
   get byteLength(): number {
-    return this.#shared.byteLength;
+    return this.#memory.byteLength;
   }
 
   /** A live view of the write map (tests and workers). */
@@ -263,6 +361,8 @@ export class CbtMap {
   switch(): void {
     const active = this.snapNumberActive;
     assert(active >= 1 && active <= 255, `Bad active snapshot number ${active}`);
+    // A map that outlives its process tells a switch cut short from a finished one.
+    Atomics.store(this.#words, W_UPDATING, 1);
     Atomics.store(this.#words, W_PREVIOUS, active);
     if (active === 255) {
       this.#writeMap.fill(0);
@@ -273,6 +373,7 @@ export class CbtMap {
       Atomics.store(this.#words, W_ACTIVE, active + 1);
     }
     Atomics.add(this.#words, W_SEQUENCE, 1);
+    Atomics.store(this.#words, W_UPDATING, 0);
   }
 
   /**
@@ -291,12 +392,14 @@ export class CbtMap {
    * a new generation. Only while no write marks the map (the take's gate).
    */
   resetInPlace(): void {
+    Atomics.store(this.#words, W_UPDATING, 1);
     this.#writeMap.fill(0);
     this.#readMap.fill(0);
     Atomics.store(this.#words, W_ACTIVE, 1);
     Atomics.store(this.#words, W_PREVIOUS, 0);
     uuidToBytes(crypto.randomUUID(), this.#uuid);
     Atomics.store(this.#words, W_CORRUPTED, 0);
+    Atomics.store(this.#words, W_UPDATING, 0);
   }
 
   /**

@@ -178,3 +178,36 @@ Deno.test("uuidToBytes() and uuidFromBytes() round-trip", () => {
   const uuid = crypto.randomUUID();
   assertEquals(uuidFromBytes(uuidToBytes(uuid)), uuid);
 });
+
+Deno.test("CbtMap.check() keeps a map of the same geometry and refuses one cut short or of another device", () => {
+  const capacitySectors = 2 ** 24 / 512;
+  const map = CbtMap.create(capacitySectors, DEFAULT_PARAMS);
+  map.mark(0, 8);
+  map.switch();
+  const copy = () => {
+    const memory = new ArrayBuffer(map.byteLength);
+    new Uint8Array(memory).set(new Uint8Array(map.shared));
+    return memory;
+  };
+  const geometry = { capacitySectors, params: DEFAULT_PARAMS };
+  assertEquals(CbtMap.check(copy(), geometry), null);
+  assertEquals(
+    CbtMap.check(copy(), { capacitySectors: capacitySectors * 2, params: DEFAULT_PARAMS }),
+    "its size does not match the device",
+  );
+  const bigger = makeParams({ trackingBlockMinimumShift: 17 });
+  assertEquals(
+    CbtMap.check(copy(), { capacitySectors, params: bigger }),
+    "its size does not match the device",
+  );
+  // A switch cut short: its "updating" word (byte 48) is still set.
+  const cut = copy();
+  new Int32Array(cut, 48, 1)[0] = 1;
+  assertEquals(CbtMap.check(cut, geometry), "a switch or reset of it was cut short");
+  const garbage = copy();
+  new Int32Array(garbage, 0, 1)[0] = 0;
+  assertEquals(CbtMap.check(garbage, geometry), "its snapshot numbers are out of range");
+  // Finished switches and resets leave the word clear.
+  map.resetInPlace();
+  assertEquals(CbtMap.check(copy(), geometry), null);
+});

@@ -1,7 +1,7 @@
 /**
  * The ublk control plane: commands to /dev/ublk-control over an SQE128
- * io_uring (ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV, DEL_DEV, GET_DEV_INFO,
- * GET_FEATURES).
+ * io_uring (ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV, DEL_DEV, DEL_DEV_ASYNC,
+ * GET_DEV_INFO, GET_FEATURES, START_USER_RECOVERY, END_USER_RECOVERY).
  *
  * Runs on the daemon's main thread, which lives as long as the daemon: a control
  * command whose submitting thread exits can wedge that exit (docs/ublk.md
@@ -41,6 +41,8 @@ export interface DevInfo {
   maxIoBufBytes: number;
   ublksrvPid: number;
   flags: bigint;
+  /** The server's own 64 bits, kept by the kernel (this program's owner tag). */
+  ublksrvFlags: bigint;
 }
 
 export interface DeviceParams {
@@ -65,6 +67,8 @@ export interface AddDevOptions {
   depth: number;
   maxIoBufBytes: number;
   flags: bigint;
+  /** Stored by the kernel and returned by GET_DEV_INFO unchanged. */
+  ublksrvFlags?: bigint;
 }
 
 const CTRL_BUF_SIZE = 4096;
@@ -157,13 +161,14 @@ export class UblkControl {
   }
 
   async addDev(options: AddDevOptions): Promise<DevInfo> {
-    const { queues, depth, maxIoBufBytes, flags } = options;
+    const { queues, depth, maxIoBufBytes, flags, ublksrvFlags = 0n } = options;
     return await this.#exec("ADD_DEV", 0xffff_ffff, ({ view: v }) => {
       v.setUint16(DEV_INFO.nrHwQueues, queues, true);
       v.setUint16(DEV_INFO.queueDepth, depth, true);
       v.setUint32(DEV_INFO.maxIoBufBytes, maxIoBufBytes, true);
       v.setUint32(DEV_INFO.devId, 0xffff_ffff, true);
       v.setBigUint64(DEV_INFO.flags, flags, true);
+      v.setBigUint64(DEV_INFO.ublksrvFlags, ublksrvFlags, true);
       return { len: DEV_INFO.size, addr: true };
     }, readDevInfo);
   }
@@ -205,6 +210,28 @@ export class UblkControl {
   /** Waits until /dev/ublkcN is closed and nothing holds the disk. */
   async delDev(devId: number, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
     await this.#exec("DEL_DEV", devId, () => ({}), () => undefined, timeoutMs);
+  }
+
+  /**
+   * Returns at once; the kernel frees the device once nothing holds it (a
+   * filesystem still mounted on a dead disk keeps it until unmounted).
+   */
+  async delDevAsync(devId: number): Promise<void> {
+    await this.#exec("DEL_DEV_ASYNC", devId, () => ({}), () => undefined, 10_000, true);
+  }
+
+  /**
+   * For a QUIESCED device whose server died: EBUSY while the dead server's
+   * /dev/ublkcN is still open (its exit is not finished) or the device is not
+   * quiesced yet; EINVAL when it was made without user recovery.
+   */
+  async startUserRecovery(devId: number): Promise<void> {
+    await this.#exec("START_USER_RECOVERY", devId, () => ({}), () => undefined);
+  }
+
+  /** Returns once every queue of the new server has FETCHed every tag; the device is LIVE. */
+  async endUserRecovery(devId: number, pid: number): Promise<void> {
+    await this.#exec("END_USER_RECOVERY", devId, () => ({ data0: pid }), () => undefined);
   }
 
   async getDevInfo(devId: number): Promise<DevInfo> {
@@ -332,5 +359,6 @@ function readDevInfo({ view: v }: CtrlBuffer): DevInfo {
     devId: v.getUint32(DEV_INFO.devId, true),
     ublksrvPid: v.getInt32(DEV_INFO.ublksrvPid, true),
     flags: v.getBigUint64(DEV_INFO.flags, true),
+    ublksrvFlags: v.getBigUint64(DEV_INFO.ublksrvFlags, true),
   };
 }

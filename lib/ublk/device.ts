@@ -17,10 +17,26 @@ export interface CreateDeviceOptions {
   maxIoBufBytes: number;
   params: DeviceParams;
   target: TargetSpec;
-  /** Ask for UBLK_F_USER_RECOVERY when the kernel offers it. */
+  /**
+   * Ask for UBLK_F_USER_RECOVERY (and its REISSUE variant) when the kernel
+   * offers it: a server that dies leaves the device quiesced for the next one.
+   */
   recovery: boolean;
   /** Called once if a queue worker fails; the device is already being torn down. */
   onFatal?: (message: string) => void;
+  /** Stored in ublksrv_flags (lib/daemon/owner_tag.ts). */
+  ownerTag?: bigint;
+  /** Called right after ADD_DEV, before anything can serve I/O (e.g. to record the id). */
+  onAdded?: (devId: number) => void;
+}
+
+export interface RecoverDeviceOptions {
+  /** GET_DEV_INFO of the quiesced device. */
+  info: DevInfo;
+  target: TargetSpec;
+  onFatal?: (message: string) => void;
+  /** How long a dead server's exit may keep /dev/ublkcN open (START_USER_RECOVERY EBUSY). */
+  busyTimeoutMs?: number;
 }
 
 export interface QueueStats {
@@ -74,6 +90,8 @@ export class UblkDevice {
   /** The first queue failure, whenever it came. */
   #failure: string | undefined;
   #destroying: Promise<void> | undefined;
+  /** After recover(): ms spent in START_USER_RECOVERY (with its retries), starting the queues, END_USER_RECOVERY. */
+  recoveryPhasesMs: { start: number; queues: number; end: number } | null = null;
 
   private constructor(ctrl: UblkControl, libc: Libc, info: DevInfo) {
     this.#ctrl = ctrl;
@@ -127,15 +145,21 @@ export class UblkDevice {
     opts: CreateDeviceOptions,
   ): Promise<UblkDevice> {
     let flags = 0n;
-    if (opts.recovery && (ctrl.features & UBLK_F.USER_RECOVERY)) flags |= UBLK_F.USER_RECOVERY;
+    if (opts.recovery && (ctrl.features & UBLK_F.USER_RECOVERY)) {
+      // Without REISSUE the requests the dead server held fail with EIO; with
+      // it they are sent again to the next server (a write twice, never lost).
+      flags |= UBLK_F.USER_RECOVERY | (ctrl.features & UBLK_F.USER_RECOVERY_REISSUE);
+    }
     const info = await ctrl.addDev({
       queues: opts.queues,
       depth: opts.depth,
       maxIoBufBytes: opts.maxIoBufBytes,
       flags,
+      ...(opts.ownerTag !== undefined ? { ublksrvFlags: opts.ownerTag } : {}),
     });
     const dev = new UblkDevice(ctrl, libc, info);
     try {
+      opts.onAdded?.(info.devId);
       await ctrl.setParams(info.devId, opts.params);
       dev.#charFd = await openCharDevice(libc, dev.charPath);
       await dev.#startWorkers(opts);
@@ -152,7 +176,57 @@ export class UblkDevice {
     return dev;
   }
 
-  async #startWorkers(opts: CreateDeviceOptions): Promise<void> {
+  /**
+   * Takes over a QUIESCED device whose server died: START_USER_RECOVERY
+   * (retried while the dead server's exit still holds /dev/ublkcN), new queue
+   * workers that FETCH every tag, END_USER_RECOVERY. The requests that waited
+   * are then served; nothing was failed. When it fails the device is left
+   * as the kernel has it (never stopped: a filesystem may be mounted on it).
+   */
+  static async recover(
+    ctrl: UblkControl,
+    libc: Libc,
+    opts: RecoverDeviceOptions,
+  ): Promise<UblkDevice> {
+    const dev = new UblkDevice(ctrl, libc, opts.info);
+    const t0 = performance.now();
+    const deadline = t0 + (opts.busyTimeoutMs ?? 30_000);
+    for (;;) {
+      try {
+        await ctrl.startUserRecovery(dev.devId);
+        break;
+      } catch (err) {
+        const busy = err instanceof ErrnoError && err.code === "EBUSY";
+        if (!busy || performance.now() > deadline) throw err;
+        await delay(20);
+      }
+    }
+    // From here a failure leaves the device to the kernel as it is: queue
+    // workers that FETCHed keep their tags, those that failed closed their
+    // rings, and only this daemon's exit releases the rest.
+    const t1 = performance.now();
+    dev.#charFd = await openCharDevice(libc, dev.charPath);
+    await dev.#startWorkers({
+      target: opts.target,
+      ...(opts.onFatal ? { onFatal: opts.onFatal } : {}),
+    });
+    const t2 = performance.now();
+    await ctrl.endUserRecovery(dev.devId, Deno.pid);
+    dev.#started = true;
+    const t3 = performance.now();
+    dev.recoveryPhasesMs = {
+      start: Math.round(t1 - t0),
+      queues: Math.round(t2 - t1),
+      end: Math.round(t3 - t2),
+    };
+    await waitForPath(dev.blockPath);
+    if (dev.#failure) throw new Error(dev.#failure);
+    return dev;
+  }
+
+  async #startWorkers(
+    opts: Pick<CreateDeviceOptions, "target" | "onFatal">,
+  ): Promise<void> {
     const ready: Array<Promise<void>> = [];
     let fatalReported = false;
     for (let qId = 0; qId < this.queues; qId++) {
