@@ -22,6 +22,7 @@ import {
 import { devTKey } from "../dev_t.ts";
 import {
   type ArgsOf,
+  type HandoverResult,
   PROTOCOL_VERSION,
   type RecoveryReport,
   type SectorRange,
@@ -31,6 +32,7 @@ import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { DevicePipe } from "./pipe.ts";
 import { CbtFile, cbtFilePath } from "./cbt_file.ts";
 import { type SnapshotDevice, Snapshots } from "./snapshots.ts";
+import { findMounts, thawMountPoint } from "./freeze.ts";
 import { Buffer } from "node:buffer";
 import { UBLK_DEV_STATE, UBLK_F } from "../../ffi/ublk_abi.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
@@ -83,6 +85,8 @@ export class Daemon {
   /** Attaches, detaches and removals under way; shutdown waits for them. */
   readonly #inflight = new Set<Promise<unknown>>();
   readonly snapshots: Snapshots;
+  /** The snapshot a take is under way for (recorded in the state file). */
+  #taking: string | null = null;
   /** The state file (state_file.ts): rewritten at every change of the devices. */
   readonly statePath: string;
   /** Snapshots lost with a daemon that died: their corrupted event, until destroyed. */
@@ -184,16 +188,29 @@ export class Daemon {
     return { device: t.info.original, tracked: t.info.tracked, ranges };
   }
 
-  snapshotCreate(args: ArgsOf<"snapshot_create">) {
-    return this.snapshots.create(args);
+  async snapshotCreate(args: ArgsOf<"snapshot_create">) {
+    try {
+      return await this.snapshots.create(args);
+    } finally {
+      this.#saveState();
+    }
   }
-  snapshotAdd(args: ArgsOf<"snapshot_add">) {
-    return this.snapshots.add(args.id, args.device);
+  async snapshotAdd(args: ArgsOf<"snapshot_add">) {
+    try {
+      return await this.snapshots.add(args.id, args.device);
+    } finally {
+      this.#saveState();
+    }
   }
   async snapshotTake(id: string) {
+    // Recorded before the take freezes filesystems: should this daemon die
+    // while they are frozen, the next one thaws them.
+    this.#taking = id;
+    this.#saveState();
     try {
       return await this.snapshots.take(id);
     } finally {
+      this.#taking = null;
       this.#saveState();
     }
   }
@@ -620,6 +637,7 @@ export class Daemon {
       devices: sn.devices.map((d) => d.original),
       storage: sn.storage.path,
       taken: sn.taken,
+      ...(sn.id === this.#taking ? { taking: true } : {}),
     }));
     return state;
   }
@@ -728,6 +746,24 @@ export class Daemon {
       }
       for (const e of state.devices) {
         if (e.role === "tracked") await this.#recoverTracked(e);
+      }
+      // A take cut short may have left its filesystems frozen: thaw them, now
+      // that their devices serve I/O again (FITHAW of one not frozen: EINVAL).
+      for (const sn of state.snapshots) {
+        if (sn.taking !== true) continue;
+        const keys = state.devices.flatMap((d) =>
+          d.role === "tracked" && sn.devices.includes(d.original) && d.trackedDevice
+            ? [d.trackedDevice]
+            : []
+        );
+        for (const [key, mountPoint] of findMounts(keys)) {
+          const thawed = thawMountPoint(this.#libc, mountPoint);
+          log(
+            `snapshot ${sn.id} was being taken: ${mountPoint} (${key}) ${
+              thawed ? "thawed" : "was not frozen"
+            }`,
+          );
+        }
       }
     }
     await this.#removeOrphanImages();
@@ -1087,6 +1123,33 @@ export class Daemon {
 
   #refuseWhenStopping(): void {
     if (this.#shuttingDown) throw new BlksnapError("ESRCH", "The daemon is shutting down");
+  }
+
+  /**
+   * Gets ready to exit leaving every tracked device quiesced for the next
+   * daemon (which takes them over, CBT maps included): waits for attaches
+   * and detaches under way, refuses every later command, and writes the
+   * state file. Snapshots are not persistent: held ones make this EBUSY
+   * unless `force`, and are then lost (the next daemon reports them).
+   */
+  async prepareHandover(force: boolean): Promise<HandoverResult> {
+    this.#refuseWhenStopping();
+    const held = this.snapshots.size;
+    if (held > 0 && !force) {
+      throw new BlksnapError(
+        "EBUSY",
+        `${held} snapshot(s) held: snapshots do not survive a handover. Destroy them first, ` +
+          `or hand over with --force and lose them`,
+      );
+    }
+    this.#shuttingDown = true;
+    await Promise.allSettled([...this.#inflight]);
+    this.#saveState();
+    log(
+      `handing over ${this.#tracked.size} tracked device(s) to the next daemon` +
+        (held > 0 ? `; ${held} snapshot(s) lost` : ""),
+    );
+    return { pid: Deno.pid, devices: this.#tracked.size, snapshotsLost: held };
   }
 
   /**

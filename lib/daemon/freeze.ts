@@ -71,3 +71,20 @@ export function thawAll(libc: Libc, frozen: Frozen[], warn: (message: string) =>
     libc.close(f.fd);
   }
 }
+
+/**
+ * FITHAW of the filesystem mounted at `mountPoint` (as PID 1 sees it): true
+ * when it was frozen and is thawed now, false when it was not frozen (EINVAL)
+ * or cannot be reached.
+ */
+export function thawMountPoint(libc: Libc, mountPoint: string): boolean {
+  let fd = -1;
+  try {
+    fd = libc.open(`/proc/1/root${mountPoint}`, O.RDONLY | O.CLOEXEC);
+    return libc.sym.ioctl(fd, FS_IOC.FITHAW, null) === 0;
+  } catch {
+    return false;
+  } finally {
+    if (fd >= 0) libc.close(fd);
+  }
+}

@@ -39,6 +39,11 @@ export type Request =
    */
   | { op: "detach_force"; args: { device: string } }
   | { op: "shutdown"; args: Record<string, never> }
+  /**
+   * Exit leaving every tracked device quiesced for the next daemon (an
+   * upgrade). Refused while snapshots are held unless `force` (they are lost).
+   */
+  | { op: "handover"; args: { force: boolean } }
   | { op: "cbtinfo"; args: { device: string } }
   | { op: "readcbtmap"; args: { device: string } }
   | { op: "markdirtyblock"; args: { device: string; ranges: SectorRange[] } }
@@ -92,6 +97,15 @@ export interface PingResult {
 
 export interface ShutdownResult {
   stopping: true;
+}
+
+export interface HandoverResult {
+  /** The daemon that exits. */
+  pid: number;
+  /** Tracked devices left quiesced for the next daemon. */
+  devices: number;
+  /** Snapshots lost with the handover (only with force). */
+  snapshotsLost: number;
 }
 
 export interface VersionResult {
@@ -322,6 +336,7 @@ export interface ResultMap {
   recover: RecoveryReport;
   detach_force: { device: string; tracked: string; ublkId: number };
   shutdown: ShutdownResult;
+  handover: HandoverResult;
   cbtinfo: CbtInfoResult;
   readcbtmap: ReadCbtMapResult;
   markdirtyblock: MarkDirtyResult;
@@ -356,7 +371,9 @@ type ArgKind =
   /** A safe integer 0..2^31-1. */
   | "timeout"
   /** A non-empty array of at most MAX_RANGES {sector, count}. */
-  | "ranges";
+  | "ranges"
+  /** true or false. */
+  | "flag";
 
 /** Most devices in one snapshot_create. */
 export const MAX_DEVICES = 64;
@@ -374,6 +391,7 @@ const ARG_SPECS: Record<Op, Record<string, ArgKind>> = {
   recover: {},
   detach_force: { device: "path" },
   shutdown: {},
+  handover: { force: "flag" },
   cbtinfo: { device: "path" },
   readcbtmap: { device: "path" },
   markdirtyblock: { device: "path", ranges: "ranges" },
@@ -476,6 +494,10 @@ const VALIDATORS: Record<ArgKind, (v: unknown, fail: Fail) => unknown> = {
   },
   pid(v, fail) {
     if (!isInteger(v, 1)) return fail("an integer > 0");
+    return v;
+  },
+  flag(v, fail) {
+    if (typeof v !== "boolean") return fail("true or false");
     return v;
   },
   timeout(v, fail) {

@@ -1,6 +1,7 @@
 /**
  * `blksnap daemon`: set up the process, open the ublk control plane, serve the
- * socket, and delete every device on SIGTERM/SIGINT.
+ * socket, and delete every device on SIGTERM/SIGINT; on a handover (the
+ * protocol's op, or SIGUSR2) exit leaving the tracked devices quiesced.
  */
 import { cString, type Libc, MNT_DETACH, openLibc } from "../../ffi/libc.ts";
 import { openLiburing } from "../../ffi/liburing.ts";
@@ -8,6 +9,12 @@ import { Daemon, type DaemonOptions, log } from "./daemon.ts";
 import { ControlServer } from "./server.ts";
 import { DaemonLock } from "./daemon_lock.ts";
 import { besideSocket } from "./state_file.ts";
+
+/**
+ * The exit status of a daemon that handed its devices over (EX_TEMPFAIL):
+ * the shipped systemd unit restarts on it (RestartForceExitStatus).
+ */
+export const EXIT_HANDOVER = 75;
 
 export interface RunDaemonOptions extends DaemonOptions {
   logFile?: string;
@@ -79,6 +86,20 @@ export async function runDaemon(opts: RunDaemonOptions): Promise<number> {
     Deno.addSignalListener(sig, () => void stopLogged(sig));
   }
   server.shutdownRequested.then(() => stopLogged("shutdown requested"));
+  // A handover: exit at once, devices and all. The kernel quiesces each
+  // tracked device (user recovery) and the next daemon takes it over.
+  server.handoverRequested.then(() => {
+    server.close();
+    lock.release();
+    log(`handed over: exiting with ${EXIT_HANDOVER}, tracked devices left to the next daemon`);
+    Deno.exit(EXIT_HANDOVER);
+  });
+  Deno.addSignalListener("SIGUSR2", () => {
+    daemon.prepareHandover(false).then(
+      () => server.handoverAfterSignal(),
+      (err) => log(`SIGUSR2: no handover: ${err instanceof Error ? err.message : err}`),
+    );
+  });
   try {
     await server.serve();
   } finally {

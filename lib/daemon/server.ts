@@ -25,6 +25,7 @@ export type DaemonApi = Pick<
   | "attach"
   | "detach"
   | "recover"
+  | "prepareHandover"
   | "detachForce"
   | "cbtInfo"
   | "readCbtMap"
@@ -50,12 +51,22 @@ export class ControlServer {
   /** Resolves when a client asked the daemon to shut down. */
   readonly shutdownRequested: Promise<void>;
   #requestShutdown!: () => void;
+  /** Resolves once the reply to an accepted handover has been written. */
+  readonly handoverRequested: Promise<void>;
+  #requestHandover!: () => void;
+  #handoverAccepted = false;
 
   private constructor(daemon: DaemonApi, listener: Deno.UnixListener, path: string) {
     this.#daemon = daemon;
     this.#listener = listener;
     this.#path = path;
     this.shutdownRequested = new Promise((r) => (this.#requestShutdown = r));
+    this.handoverRequested = new Promise((r) => (this.#requestHandover = r));
+  }
+
+  /** A handover started by a signal: no reply to wait for. */
+  handoverAfterSignal(): void {
+    this.#requestHandover();
   }
 
   /** Binds the socket; refuses when another daemon answers on it. */
@@ -139,7 +150,13 @@ export class ControlServer {
           pending = pending.slice(nl + 1);
           if (line.trim() === "") continue;
           const reply = await this.#handleLine(line);
-          await writeAll(conn, encoder.encode(JSON.stringify(reply) + "\n"));
+          try {
+            await writeAll(conn, encoder.encode(JSON.stringify(reply) + "\n"));
+          } finally {
+            // The daemon exits after a handover, once its caller has the
+            // answer (or is gone): it refuses every command from then on.
+            if (this.#handoverAccepted) this.#requestHandover();
+          }
         }
         if (pending.length > MAX_LINE_BYTES) {
           const reply = errorReply(
@@ -202,6 +219,11 @@ export class ControlServer {
       case "shutdown":
         queueMicrotask(() => this.#requestShutdown());
         return { stopping: true };
+      case "handover":
+        return d.prepareHandover(argsOf(req, "handover").force).then((r) => {
+          this.#handoverAccepted = true;
+          return r;
+        });
       case "cbtinfo":
         return d.cbtInfo(argsOf(req, "cbtinfo").device);
       case "readcbtmap":

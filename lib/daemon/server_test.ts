@@ -29,6 +29,12 @@ function fakeDaemon(calls: string[]): DaemonApi {
     snapshotDestroy: noSnapshot,
     snapshotCollect: () => ({ ids: [] }),
     snapshotWaitEvent: noSnapshot,
+    prepareHandover: (force: boolean) => {
+      calls.push(`handover ${force}`);
+      return force
+        ? Promise.resolve({ pid: 1, devices: 2, snapshotsLost: 1 })
+        : Promise.reject(new BlksnapError("EBUSY", "1 snapshot(s) held"));
+    },
   };
 }
 
@@ -40,7 +46,9 @@ function noSnapshot(): Promise<never> {
   return Promise.reject(new BlksnapError("ESRCH", "no such snapshot"));
 }
 
-async function withServer(fn: (path: string, calls: string[]) => Promise<void>): Promise<void> {
+async function withServer(
+  fn: (path: string, calls: string[], server: ControlServer) => Promise<void>,
+): Promise<void> {
   const dir = Deno.makeTempDirSync();
   const path = `${dir}/control.sock`;
   const calls: string[] = [];
@@ -48,7 +56,7 @@ async function withServer(fn: (path: string, calls: string[]) => Promise<void>):
   const serving = server.serve();
   try {
     assertEquals(Deno.statSync(path).mode! & 0o777, 0o600);
-    await fn(path, calls);
+    await fn(path, calls, server);
   } finally {
     server.close();
     await serving;
@@ -75,6 +83,32 @@ async function exchange(path: string, lines: string[]): Promise<Array<Record<str
   conn.close();
   return replies;
 }
+
+Deno.test("a handover is refused while snapshots are held, and signalled only after its reply", async () => {
+  await withServer(async (path, calls, server) => {
+    let requested = false;
+    server.handoverRequested.then(() => (requested = true));
+    const [refused] = await exchange(path, [
+      JSON.stringify({ v: 1, id: 1, op: "handover", args: { force: false } }),
+    ]);
+    assertEquals(refused!.ok, false);
+    assertEquals((refused!.error as { code: string }).code, "EBUSY");
+    await new Promise((r) => setTimeout(r, 10));
+    assertEquals(requested, false, "a refused handover does not stop the daemon");
+    const [bad] = await exchange(path, [
+      JSON.stringify({ v: 1, id: 2, op: "handover", args: { force: "yes" } }),
+    ]);
+    assertEquals(bad!.ok, false, "force must be a boolean");
+    const [accepted] = await exchange(path, [
+      JSON.stringify({ v: 1, id: 3, op: "handover", args: { force: true } }),
+    ]);
+    assertEquals(accepted!.ok, true);
+    assertEquals(accepted!.result, { pid: 1, devices: 2, snapshotsLost: 1 });
+    await server.handoverRequested;
+    assert(requested);
+    assertEquals(calls, ["handover false", "handover true"]);
+  });
+});
 
 Deno.test("ControlServer answers garbage with errors and keeps the connection", async () => {
   await withServer(async (path, calls) => {

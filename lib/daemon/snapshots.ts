@@ -376,6 +376,7 @@ export class Snapshots {
         (m) => warnings.push(m),
       );
       try {
+        await injectedFrozenPause();
         for (const d of snap.devices) d.pipe.ctl.closeGate();
         try {
           const drained = await Promise.all(
@@ -707,4 +708,14 @@ function eventResult(event: SnapshotEvent) {
     code: 1,
     requestedSectors: event.requestedSectors,
   };
+}
+
+/**
+ * Fault injection for the VM tests: a take holds its filesystems frozen this
+ * long before it goes on (BLKSNAP_FAULT_TAKE_FROZEN_MS; unset: not at all),
+ * so that a test can kill the daemon while they are frozen.
+ */
+async function injectedFrozenPause(): Promise<void> {
+  const ms = Number(Deno.env.get("BLKSNAP_FAULT_TAKE_FROZEN_MS") ?? "0");
+  if (Number.isSafeInteger(ms) && ms > 0) await new Promise((r) => setTimeout(r, ms));
 }

@@ -60,6 +60,11 @@ export interface SnapshotEntry {
   devices: string[];
   storage: string;
   taken: boolean;
+  /**
+   * Written just before a take freezes the filesystems: a daemon that dies
+   * before the take ends may leave them frozen, and the next one thaws them.
+   */
+  taking?: boolean;
 }
 
 export interface DaemonState {
@@ -181,7 +186,16 @@ export function parseState(text: string, path: string): DaemonState {
     }
     if (typeof s.storage !== "string") throw why(`"storage" is not a string`);
     if (typeof s.taken !== "boolean") throw why(`"taken" is not true or false`);
-    return { id: s.id, devices: s.devices as string[], storage: s.storage, taken: s.taken };
+    if (s.taking !== undefined && typeof s.taking !== "boolean") {
+      throw why(`"taking" is not true or false`);
+    }
+    return {
+      id: s.id,
+      devices: s.devices as string[],
+      storage: s.storage,
+      taken: s.taken,
+      ...(s.taking === true ? { taking: true } : {}),
+    };
   });
   return {
     format: STATE_FORMAT,

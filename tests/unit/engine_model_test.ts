@@ -288,7 +288,15 @@ async function run(
         }
         if (image.unknown) continue;
         const out = new Uint8Array(DEVICE_BYTES);
-        await trackers[d]!.readImage(0, out);
+        try {
+          await trackers[d]!.readImage(0, out);
+        } catch (err) {
+          // A faulty storage may fail late (a stalled growth's watchdog, a
+          // write still in flight): corrupted during the read is allowed for
+          // it, and only for it.
+          if (image.fault !== "none" && area.isCorrupted && err instanceof BlksnapError) continue;
+          throw err;
+        }
         expectBytes(out, image.bytes, `image of device ${d}`);
       }
     } finally {
