@@ -57,18 +57,44 @@ export class Client {
     }
   }
 
-  async request<R extends Request>(op: R["op"], args: R["args"]): Promise<unknown> {
+  /**
+   * One request and its reply. Without a reply in `timeoutMs` (default
+   * requestTimeoutMs(), plus the wait a snapshot_waitevent asks for) the
+   * connection is closed and DaemonUnavailableError says so: a daemon stuck
+   * on one device must not hang the caller for ever.
+   */
+  async request<R extends Request>(
+    op: R["op"],
+    args: R["args"],
+    timeoutMs = requestTimeoutMs(op, args),
+  ): Promise<unknown> {
     const id = this.#nextId++;
     const line = JSON.stringify({ v: PROTOCOL_VERSION, id, op, args }) + "\n";
     const data = new TextEncoder().encode(line);
-    let off = 0;
-    while (off < data.length) off += await this.#conn.write(data.subarray(off));
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      this.close();
+    }, timeoutMs);
     let reply: Reply;
     try {
+      let off = 0;
+      while (off < data.length) off += await this.#conn.write(data.subarray(off));
       reply = JSON.parse(await this.#readLine()) as Reply;
     } catch (err) {
+      if (timedOut) {
+        throw new DaemonUnavailableError(
+          `The daemon did not answer ${op} in ${Math.round(timeoutMs / 1000)} s ` +
+            `(is a device stuck? see "blksnap status" and the daemon's log)`,
+        );
+      }
       if (err instanceof DaemonUnavailableError) throw err;
-      throw new DaemonUnavailableError("The daemon sent a malformed reply");
+      if (err instanceof SyntaxError) {
+        throw new DaemonUnavailableError("The daemon sent a malformed reply");
+      }
+      throw err;
+    } finally {
+      clearTimeout(timer);
     }
     if (reply.id !== id) throw new Error(`Protocol error: reply ${reply.id} to request ${id}`);
     if (!reply.ok) throw new DaemonError(reply.error.code, reply.error.errno, reply.error.message);
@@ -97,6 +123,17 @@ export class Client {
       // already closed
     }
   }
+}
+
+/** Default request timeout: BLKSNAP_REQUEST_TIMEOUT_MS, else 10 minutes. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 600_000;
+
+/** How long `op` may take before the client gives up on the daemon. */
+export function requestTimeoutMs(op: string, args: unknown): number {
+  const env = Number(Deno.env.get("BLKSNAP_REQUEST_TIMEOUT_MS") ?? "");
+  const base = Number.isSafeInteger(env) && env > 0 ? env : DEFAULT_REQUEST_TIMEOUT_MS;
+  const wait = op === "snapshot_waitevent" ? (args as { timeoutMs?: unknown }).timeoutMs : 0;
+  return base + (typeof wait === "number" && wait > 0 ? wait : 0);
 }
 
 export interface StartOptions {

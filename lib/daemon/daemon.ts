@@ -572,6 +572,30 @@ export class Daemon {
     t.pipe.stopCow();
     try {
       await t.device.destroy(afterStop);
+    } catch (err) {
+      // Half removed: what is left stays visible (status, the state file) for
+      // `detach --force`, and the original is released if no queue can use it.
+      const released = t.device.queuesExited;
+      if (released) {
+        this.#libc.close(t.originalFd);
+        t.pipe.close();
+      }
+      this.#unrecovered.set(t.info.ublkId, {
+        entry: entryOf(t),
+        report: {
+          original: t.info.original,
+          originalDevice: t.info.originalDevice,
+          tracked: t.info.tracked,
+          ublkId: t.info.ublkId,
+          reason: `removing it failed: ${err instanceof Error ? err.message : err}` +
+            (released ? "" : "; its queues did not exit, so the original is still held"),
+          hint: `run "blksnap detach --force --device ${t.info.tracked}"`,
+        },
+      });
+      log(
+        `removing ${t.info.tracked} failed half way (original ${released ? "released" : "held"})`,
+      );
+      throw err;
     } finally {
       this.#saveState();
     }
@@ -594,25 +618,7 @@ export class Daemon {
   #currentState(): DaemonState {
     const state = emptyState();
     const devices: DeviceEntry[] = [];
-    for (const t of this.#tracked.values()) {
-      devices.push({
-        role: "tracked",
-        ublkId: t.info.ublkId,
-        original: t.info.original,
-        originalDevice: t.info.originalDevice,
-        tracked: t.info.tracked,
-        trackedDevice: t.info.trackedDevice,
-        sizeBytes: t.info.sizeBytes,
-        logicalBlockSize: t.info.logicalBlockSize,
-        physicalBlockSize: t.info.physicalBlockSize,
-        queues: t.info.queues,
-        queueDepth: t.info.queueDepth,
-        maxIoBufBytes: t.device.info.maxIoBufBytes,
-        phase: "live",
-        cbtGenerationId: t.pipe.cbt.generationId,
-        attachedAt: t.info.attachedAt,
-      });
-    }
+    for (const t of this.#tracked.values()) devices.push(entryOf(t));
     for (const e of this.#starting.values()) devices.push(e);
     for (const u of this.#unrecovered.values()) devices.push(u.entry);
     const byTracked = new Map([...this.#tracked.values()].map((t) => [t.info.tracked, t]));
@@ -1177,6 +1183,27 @@ export class Daemon {
     }
     this.#ctrl.close();
   }
+}
+
+/** The state file's entry of a tracked device this daemon serves. */
+function entryOf(t: Tracked): TrackedEntry {
+  return {
+    role: "tracked",
+    ublkId: t.info.ublkId,
+    original: t.info.original,
+    originalDevice: t.info.originalDevice,
+    tracked: t.info.tracked,
+    trackedDevice: t.info.trackedDevice,
+    sizeBytes: t.info.sizeBytes,
+    logicalBlockSize: t.info.logicalBlockSize,
+    physicalBlockSize: t.info.physicalBlockSize,
+    queues: t.info.queues,
+    queueDepth: t.info.queueDepth,
+    maxIoBufBytes: t.device.info.maxIoBufBytes,
+    phase: "live",
+    cbtGenerationId: t.pipe.cbt.generationId,
+    attachedAt: t.info.attachedAt,
+  };
 }
 
 function stateName(state: number): string {

@@ -1,7 +1,7 @@
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { ControlServer, type DaemonApi } from "./server.ts";
 import { BlksnapError } from "../../ffi/errno.ts";
-import { Client, DaemonError } from "./client.ts";
+import { Client, DaemonError, DaemonUnavailableError, requestTimeoutMs } from "./client.ts";
 
 /** A daemon stand-in: records calls; attach of "/busy" fails like the real one. */
 function fakeDaemon(calls: string[]): DaemonApi {
@@ -176,4 +176,37 @@ Deno.test("ControlServer.listen() refuses a socket another daemon answers on", a
     }
     assert(err instanceof Error && /another blksnap daemon is running/.test(err.message));
   });
+});
+
+Deno.test("Client gives up on a daemon that never answers, with a message saying so", async () => {
+  const dir = Deno.makeTempDirSync();
+  const path = `${dir}/mute.sock`;
+  const listener = Deno.listen({ transport: "unix", path });
+  const accepted: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const c of listener) accepted.push(c); // reads nothing, answers nothing
+  })();
+  try {
+    const client = await Client.connect(path);
+    const started = performance.now();
+    let error: unknown;
+    try {
+      await client.request("ping", {}, 200);
+    } catch (err) {
+      error = err;
+    }
+    assert(error instanceof DaemonUnavailableError, String(error));
+    assert(/did not answer ping in 0 s/.test((error as Error).message), (error as Error).message);
+    assert(performance.now() - started < 5000, "it gave up at the timeout");
+    client.close();
+    assertEquals(
+      requestTimeoutMs("snapshot_waitevent", { timeoutMs: 5000 }) - requestTimeoutMs("ping", {}),
+      5000,
+    );
+  } finally {
+    listener.close();
+    for (const c of accepted) c.close();
+    await accepting.catch(() => {});
+    Deno.removeSync(dir, { recursive: true });
+  }
 });

@@ -7,8 +7,9 @@
  * command whose submitting thread exits can wedge that exit (docs/ublk.md
  * §1.1). The kernel punts every control command to an io-wq worker, so submit
  * returns at once; completions are polled from the event loop, which keeps the
- * socket server responsive while START_DEV waits for the queues. Commands are
- * serialized: one is awaited at a time. Each has its own C buffer, kept until
+ * socket server responsive while START_DEV waits for the queues. Commands of
+ * one device run one after the other; those of different devices overlap, so
+ * a device stuck in a command holds up no other. Each has its own C buffer, kept until
  * its CQE arrives (control_commands.ts), so the late answer of a command that
  * timed out lands in its own buffer, never in the next command's data.
  */
@@ -101,7 +102,11 @@ export class UblkControl {
   readonly #fd: number;
   /** Each command's buffer and user_data, by user_data. */
   readonly #commands: ControlCommands<CtrlBuffer>;
-  #tail: Promise<unknown> = Promise.resolve();
+  /**
+   * One command chain per device (ADD_DEV and GET_FEATURES, which name no
+   * device, share one): a device whose command hangs holds up only itself.
+   */
+  readonly #tails = new Map<number, Promise<unknown>>();
   #useIoctl = true;
   #features = 0n;
   #closed = false;
@@ -316,8 +321,13 @@ export class UblkControl {
         else this.#commands.finish(ud);
       }
     };
-    const p = this.#tail.then(run, run);
-    this.#tail = p.catch(() => undefined);
+    const chain = devId >>> 0;
+    const p = (this.#tails.get(chain) ?? Promise.resolve()).then(run, run);
+    const tail = p.catch(() => undefined);
+    this.#tails.set(chain, tail);
+    tail.then(() => {
+      if (this.#tails.get(chain) === tail) this.#tails.delete(chain);
+    });
     return p;
   }
 

@@ -85,6 +85,7 @@ export class UblkDevice {
   readonly #workers: Worker[] = [];
   readonly #stats: SharedArrayBuffer;
   readonly #exited: Array<Promise<void>> = [];
+  #exitedCount = 0;
   #charFd = -1;
   #started = false;
   /** The first queue failure, whenever it came. */
@@ -241,7 +242,9 @@ export class UblkDevice {
           onFail = rej;
         }),
       );
-      this.#exited.push(new Promise<void>((res) => (onExit = res)));
+      this.#exited.push(
+        new Promise<void>((res) => (onExit = res)).then(() => void this.#exitedCount++),
+      );
       const fail = (message: string) => {
         this.#failure ??= message;
         onFail(new Error(message));
@@ -290,6 +293,11 @@ export class UblkDevice {
    * `afterStop` runs once the disk is gone and before DEL_DEV, which waits for
    * every holder of the disk: close guard fds there.
    */
+  /** True once every queue worker has exited (none can touch the target's files). */
+  get queuesExited(): boolean {
+    return this.#exitedCount === this.#exited.length;
+  }
+
   destroy(afterStop?: () => void): Promise<void> {
     this.#destroying ??= this.#destroy(afterStop);
     return this.#destroying;
