@@ -34,12 +34,15 @@ Deno.test("DaemonLock: of several threads racing for it, exactly one wins", asyn
     Deno.writeTextFileSync(
       script,
       `import { DaemonLock } from ${JSON.stringify(mod)};
-      self.onmessage = async () => {
+      let held = null;
+      self.onmessage = (ev) => {
+        if (ev.data === "release") {
+          held?.release();
+          return;
+        }
         try {
-          const l = DaemonLock.acquire(${JSON.stringify(path)});
+          held = DaemonLock.acquire(${JSON.stringify(path)});
           self.postMessage("won");
-          await new Promise((r) => setTimeout(r, 500));
-          l.release();
         } catch (e) { self.postMessage(e.code); }
       };`,
     );
@@ -53,7 +56,9 @@ Deno.test("DaemonLock: of several threads racing for it, exactly one wins", asyn
         w.postMessage("go");
       })
     ));
-    await new Promise((r) => setTimeout(r, 600));
+    // The winner holds the lock until every racer has tried (however late it started).
+    for (const w of workers) w.postMessage("release");
+    await new Promise((r) => setTimeout(r, 50));
     for (const w of workers) w.terminate();
     assertEquals(outs.filter((o) => o === "won").length, 1, outs.join(","));
     assertEquals(outs.filter((o) => o === "EBUSY").length, 3, outs.join(","));
