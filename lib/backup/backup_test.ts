@@ -10,7 +10,7 @@ import {
   readManifest,
   writeManifest,
 } from "./manifest.ts";
-import { cleanLeftovers, type DeviceSource, writePoint } from "./point.ts";
+import { cleanLeftovers, type DeviceSource, writePoint, type WritePointOptions } from "./point.ts";
 import { prune, restoreToFile, verifyPoint } from "./chain.ts";
 import { Qcow2Image } from "./qcow2.ts";
 
@@ -109,6 +109,12 @@ class FakeDevice {
   }
 }
 
+async function mustWrite(dir: string, options: WritePointOptions): Promise<Manifest> {
+  const m = await writePoint(dir, options);
+  assert(m !== null, "a point was written");
+  return m;
+}
+
 function tmpDir(): string {
   return Deno.makeTempDirSync({ prefix: "blksnap-backup-" });
 }
@@ -160,7 +166,7 @@ async function threePoints(
   let t = Date.UTC(2026, 11, 2, 7, 0, 0);
   const point = async () => {
     const { source, image } = dev.take();
-    const m = await writePoint(dir, {
+    const m = await mustWrite(dir, {
       devices: [source],
       snapshotId: crypto.randomUUID(),
       time: new Date(t += 3600_000),
@@ -346,7 +352,7 @@ Deno.test("backup: a broken chain: verify and restore say which file is missing;
     throws(() => restoreToFile(dir, ids[1]!, undefined, `${root}/x`), /Broken chain/);
     dev.change(0, 512);
     const { source, image } = dev.take();
-    const m = await writePoint(dir, { devices: [source], snapshotId: null });
+    const m = await mustWrite(dir, { devices: [source], snapshotId: null });
     assertEquals(m.kind, "full");
     assert(/previous point cannot be used: Broken chain/.test(m.reason), m.reason);
     assertEquals(restored(dir, m.id), image);
@@ -390,7 +396,7 @@ Deno.test("backup: a generation change makes a full point that says why", async 
     dev.change(0, 4096);
     const { source, image } = dev.take();
     assertEquals(source.cbt!.changesNumber, 255);
-    const m = await writePoint(dir, { devices: [source], snapshotId: null });
+    const m = await mustWrite(dir, { devices: [source], snapshotId: null });
     assertEquals(m.kind, "full");
     assert(/generation changed/.test(m.reason), m.reason);
     assertEquals(restored(dir, m.id), image);
@@ -398,7 +404,7 @@ Deno.test("backup: a generation change makes a full point that says why", async 
     dev.change(2 * MiB, 4096);
     const t2 = dev.take();
     assertEquals(t2.source.cbt!.changesNumber, 1);
-    const m2 = await writePoint(dir, { devices: [t2.source], snapshotId: null });
+    const m2 = await mustWrite(dir, { devices: [t2.source], snapshotId: null });
     assertEquals(m2.kind, "incremental");
     assertEquals(m2.devices[0]!.bytesRead, CLUSTER);
     assertEquals(restored(dir, m2.id), t2.image);
@@ -551,6 +557,42 @@ Deno.test("backup: a source that is missing or of a bad size is a clear error, a
       /not a positive multiple of 512/,
     );
     assertEquals([...Deno.readDirSync(dir)], []);
+  } finally {
+    Deno.removeSync(root, { recursive: true });
+  }
+});
+
+Deno.test("backup: nothing changed: skipUnchanged writes no point; a failing beforeCommit or an abort leaves none", async () => {
+  const root = tmpDir();
+  try {
+    const { dir, dev, ids } = await threePoints(root, 22);
+    const t = dev.take();
+    assertEquals(
+      await writePoint(dir, { devices: [t.source], snapshotId: null, skipUnchanged: true }),
+      null,
+    );
+    dev.change(0, 512);
+    const t2 = dev.take();
+    await rejects(
+      writePoint(dir, {
+        devices: [t2.source],
+        snapshotId: null,
+        beforeCommit: () => Promise.reject(new Error("the snapshot overflowed")),
+      }),
+      /overflowed/,
+    );
+    const ac = new AbortController();
+    ac.abort(new Error("killed"));
+    await rejects(
+      writePoint(dir, { devices: [t2.source], snapshotId: null, signal: ac.signal }),
+      /killed/,
+    );
+    assertEquals(listPoints(dir).map((l) => l.id), ids);
+    assertEquals([...Deno.readDirSync(dir)].length, 6);
+    // and the next run still makes a correct incremental of everything since the last point
+    const m = await mustWrite(dir, { devices: [t2.source], snapshotId: null });
+    assertEquals([m.kind, m.previous], ["incremental", ids[2]]);
+    assertEquals(restored(dir, m.id), t2.image);
   } finally {
     Deno.removeSync(root, { recursive: true });
   }

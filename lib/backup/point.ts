@@ -61,6 +61,15 @@ export interface WritePointOptions {
   forceFull?: string;
   /** Called as bytes are read: done and total over all devices. */
   onProgress?: (done: number, total: number) => void;
+  /** Write no point (return null) when every device is incremental with nothing changed. */
+  skipUnchanged?: boolean;
+  /** Stops the copy (between pieces) with the signal's reason. */
+  signal?: AbortSignal;
+  /**
+   * Called when every file is written and synced, before any is renamed and
+   * before the manifest: throwing here (the snapshot overflowed) leaves no point.
+   */
+  beforeCommit?: () => Promise<void>;
 }
 
 /** A source opened for reading, with its size (block devices: by seeking to the end). */
@@ -124,6 +133,7 @@ export async function copyRanges(
   ranges: ByteRange[],
   extents: ExtentBuilder,
   progress: (bytes: number) => void,
+  signal?: AbortSignal,
 ): Promise<number> {
   const cb = writer.clusterBytes;
   const list = pieces(ranges, cb);
@@ -139,6 +149,7 @@ export async function copyRanges(
   for (let i = 0; i < list.length; i++) {
     const p = list[i]!;
     const got = await pending;
+    signal?.throwIfAborted();
     if (got !== p.end - p.start) {
       throw new BlksnapError(
         "EIO",
@@ -210,7 +221,10 @@ interface Plan {
  * returns its manifest. Nothing is left behind on failure but `.tmp.` files
  * that are removed here or by the next run.
  */
-export async function writePoint(dir: string, options: WritePointOptions): Promise<Manifest> {
+export async function writePoint(
+  dir: string,
+  options: WritePointOptions,
+): Promise<Manifest | null> {
   if (options.devices.length === 0) throw new BlksnapError("EINVAL", "No device to back up");
   const clusterBits = options.clusterBits ?? 16;
   const clusterBytes = 2 ** clusterBits;
@@ -275,6 +289,9 @@ export async function writePoint(dir: string, options: WritePointOptions): Promi
     }
 
     const total = plans.reduce((n, p) => n + rangeBytes(p.ranges), 0);
+    if (options.skipUnchanged && total === 0 && plans.every((p) => p.kind === "incremental")) {
+      return null;
+    }
     let done = 0;
     const entries: DeviceEntry[] = [];
     const written: string[] = [];
@@ -295,7 +312,7 @@ export async function writePoint(dir: string, options: WritePointOptions): Promi
           bytesRead = await copyRanges(p.file, p.src.source, writer, p.ranges, extents, (n) => {
             done += n;
             options.onProgress?.(done, total);
-          });
+          }, options.signal);
           writer.finish();
         } catch (err) {
           writer.abort();
@@ -320,6 +337,7 @@ export async function writePoint(dir: string, options: WritePointOptions): Promi
           extents: extents.extents,
         });
       }
+      await options.beforeCommit?.();
       // Every file complete and synced: give them their names, then the manifest.
       for (const e of entries) Deno.renameSync(`${dir}/${TMP_PREFIX}${e.file}`, `${dir}/${e.file}`);
       syncDir(dir);
