@@ -10,7 +10,7 @@
  *
  * @module
  */
-import { BlksnapError } from "../engine/errors.ts";
+import { BlksnapError, toBlksnapError } from "../engine/errors.ts";
 import { Qcow2Writer } from "./qcow2.ts";
 import { type ByteRange, changedRanges, fullReason, rangeBytes } from "./changes.ts";
 import {
@@ -316,7 +316,8 @@ export async function writePoint(
           writer.finish();
         } catch (err) {
           writer.abort();
-          throw err;
+          if (options.signal?.aborted) throw err;
+          throw toBlksnapError(err, `Backing up ${p.src.source} into ${tmp}`);
         }
         entries.push({
           original: p.src.original,

@@ -57,8 +57,15 @@ async function cliErrors<T>(fn: () => Promise<T> | T): Promise<T> {
     return await fn();
   } catch (err) {
     if (err instanceof BlksnapError) throw new CommandError(err.code, err.message);
-    if (err instanceof Deno.errors.PermissionDenied) throw new CommandError("EACCES", err.message);
-    if (err instanceof Deno.errors.NotFound) throw new CommandError("ENOENT", err.message);
+    // An I/O error of Deno (a full filesystem, a failing disk): its errno name and message.
+    const code = (err as { code?: unknown }).code;
+    if (
+      err instanceof Error && !(err instanceof CommandError) &&
+      (Object.values(Deno.errors).some((c) => err instanceof c) ||
+        (typeof code === "string" && /^E[A-Z0-9]+$/.test(code)))
+    ) {
+      throw new CommandError(typeof code === "string" ? code : "EIO", err.message);
+    }
     throw err;
   }
 }
@@ -314,6 +321,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
   for (const s of signals) Deno.addSignalListener(s, onSignal);
   let manifest: Manifest | null = null;
   let overflow = false;
+  let copySeconds = 0;
   const bar = progressBar(isTerminal() && !ctx.json);
   try {
     writeFileAtomic(dir, SNAPSHOT_FILE, new TextEncoder().encode(snapshotId + "\n"));
@@ -348,6 +356,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
       }
       return false;
     };
+    const t0 = performance.now();
     try {
       manifest = await cliErrors(() =>
         writePoint(dir, {
@@ -369,6 +378,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
       if (err instanceof Overflow || (await overflowed().catch(() => false))) overflow = true;
       else throw err;
     }
+    copySeconds = (performance.now() - t0) / 1000;
   } finally {
     bar.end();
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
@@ -417,6 +427,8 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
       reason: m.reason,
       previous: m.previous,
       snapshotId: m.snapshotId,
+      bytesRead: m.devices.reduce((n, d) => n + d.bytesRead, 0),
+      copySeconds: Math.round(copySeconds * 1000) / 1000,
       devices: m.devices.map(({ extents, ...rest }) => ({ ...rest, extents: extents.length })),
       pruned,
     }));
