@@ -13,6 +13,7 @@ import {
 import { cleanLeftovers, type DeviceSource, writePoint, type WritePointOptions } from "./point.ts";
 import { prune, restoreToFile, verifyPoint } from "./chain.ts";
 import { Qcow2Image } from "./qcow2.ts";
+import { mountsByDevice, openTarget } from "./target.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -593,6 +594,56 @@ Deno.test("backup: nothing changed: skipUnchanged writes no point; a failing bef
     const m = await mustWrite(dir, { devices: [t2.source], snapshotId: null });
     assertEquals([m.kind, m.previous], ["incremental", ids[2]]);
     assertEquals(restored(dir, m.id), t2.image);
+  } finally {
+    Deno.removeSync(root, { recursive: true });
+  }
+});
+
+Deno.test("backup: restore targets: mounted devices are found in mountinfo by MAJ:MIN", () => {
+  const text = [
+    "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
+    "36 22 7:0 / /mnt/with\\040space rw - ext4 /dev/loop0 rw",
+    "37 22 7:0 /sub /srv/bind rw - ext4 /dev/loop0 rw",
+    "garbage",
+    "",
+  ].join("\n");
+  const m = mountsByDevice(text);
+  assertEquals(m.get("7:0"), ["/mnt/with space", "/srv/bind"]);
+  assertEquals(m.get("259:2"), ["/"]);
+  assertEquals(m.get("8:0"), undefined);
+  // a regular file target goes the file way (no libc)
+  const dir = tmpDir();
+  try {
+    const t = openTarget(`${dir}/new.img`, 4096);
+    assertEquals([t.fresh, t.sizeBytes], [true, 4096]);
+    t.write(0, new Uint8Array(512).fill(1));
+    t.commit();
+    t.close();
+    assertEquals(Deno.statSync(`${dir}/new.img`).size, 4096);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("backup: a failure while the next piece is being read: the read ends first, no crash", async () => {
+  const root = tmpDir();
+  try {
+    const dir = `${root}/b`;
+    Deno.mkdirSync(dir);
+    const dev = new FakeDevice(`${root}/disk.img`, 12 * MiB, 23);
+    dev.change(0, 12 * MiB);
+    const { source } = dev.take();
+    await rejects(
+      writePoint(dir, {
+        devices: [source],
+        snapshotId: null,
+        onProgress: () => {
+          throw new Error("the target filesystem is full");
+        },
+      }),
+      /the target filesystem is full/,
+    );
+    assertEquals([...Deno.readDirSync(dir)], []);
   } finally {
     Deno.removeSync(root, { recursive: true });
   }

@@ -146,32 +146,39 @@ export async function copyRanges(
   };
   let pending: Promise<number> = start(0);
   let bytesRead = 0;
-  for (let i = 0; i < list.length; i++) {
-    const p = list[i]!;
-    const got = await pending;
-    signal?.throwIfAborted();
-    if (got !== p.end - p.start) {
-      throw new BlksnapError(
-        "EIO",
-        `Short read of ${source} at ${p.start}: ${got} of ${p.end - p.start} bytes`,
-      );
+  try {
+    for (let i = 0; i < list.length; i++) {
+      const p = list[i]!;
+      const got = await pending;
+      signal?.throwIfAborted();
+      if (got !== p.end - p.start) {
+        throw new BlksnapError(
+          "EIO",
+          `Short read of ${source} at ${p.start}: ${got} of ${p.end - p.start} bytes`,
+        );
+      }
+      if (i + 1 < list.length) pending = start(i + 1);
+      const buf = bufs[i % 2]!;
+      bytesRead += got;
+      for (let at = p.start; at < p.end; at += cb) {
+        const data = buf.subarray(at - p.start, Math.min(p.end, at + cb) - p.start);
+        const before = writer.stats.data + writer.stats.compressed;
+        writer.writeCluster(at / cb, data);
+        if (writer.stats.data + writer.stats.compressed !== before) extents.add(at, data);
+      }
+      progress(got);
     }
-    if (i + 1 < list.length) pending = start(i + 1);
-    const buf = bufs[i % 2]!;
-    bytesRead += got;
-    for (let at = p.start; at < p.end; at += cb) {
-      const data = buf.subarray(at - p.start, Math.min(p.end, at + cb) - p.start);
-      const before = writer.stats.data + writer.stats.compressed;
-      writer.writeCluster(at / cb, data);
-      if (writer.stats.data + writer.stats.compressed !== before) extents.add(at, data);
-    }
-    progress(got);
+  } catch (err) {
+    // The next piece's read may still be running: let it end before the
+    // caller closes the source under it.
+    await pending.catch(() => {});
+    throw err;
   }
   extents.flush();
   return bytesRead;
 }
 
-/** The latest point and, for each device, its entry there (when its chain is whole). */
+/** The latest point of the directory. */
 function previousOf(dir: string): Manifest | undefined {
   const all = points(dir);
   return all[all.length - 1];
