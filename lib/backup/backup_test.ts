@@ -136,7 +136,7 @@ function qemuImg(...args: string[]): { code: number; out: string } {
 }
 
 function restored(dir: string, id: string, key?: string): Uint8Array {
-  const out = `${dir}/../restore-${id}-${key ?? "x"}.raw`;
+  const out = `${dir}/../restore-${id}-${(key ?? "x").replace(/\W/g, "_")}.raw`;
   try {
     restoreToFile(dir, id, key, out);
     return Deno.readFileSync(out);
@@ -644,6 +644,40 @@ Deno.test("backup: a failure while the next piece is being read: the read ends f
       /the target filesystem is full/,
     );
     assertEquals([...Deno.readDirSync(dir)], []);
+  } finally {
+    Deno.removeSync(root, { recursive: true });
+  }
+});
+
+Deno.test("backup: two devices in one point: each chains on its own, restore picks by key", async () => {
+  const root = tmpDir();
+  try {
+    const dir = `${root}/b`;
+    Deno.mkdirSync(dir);
+    Deno.mkdirSync(`${root}/x`);
+    const a = new FakeDevice(`${root}/disk.img`, 2 * MiB, 31);
+    const b = new FakeDevice(`${root}/x/disk.img`, 3 * MiB + 512, 32);
+    a.change(0, MiB);
+    b.change(MiB, MiB);
+    const t1 = [a.take(), b.take()];
+    const m1 = await mustWrite(dir, { devices: t1.map((t) => t.source), snapshotId: null });
+    assertEquals(m1.devices.map((d) => d.key), [
+      deviceKey(a.path),
+      deviceKey(b.path, [deviceKey(a.path)]),
+    ]);
+    b.change(3 * MiB, 512);
+    const t2 = [a.take(), b.take()];
+    const m2 = await mustWrite(dir, { devices: t2.map((t) => t.source), snapshotId: null });
+    assertEquals(m2.devices.map((d) => [d.kind, d.bytesRead]), [["incremental", 0], [
+      "incremental",
+      512,
+    ]]);
+    assertEquals(m2.devices.map((d) => d.key), m1.devices.map((d) => d.key));
+    throws(() => restored(dir, m2.id), /holds 2 devices .*: say which with --device/);
+    assertEquals(restored(dir, m2.id, m2.devices[0]!.key), t2[0]!.image);
+    assertEquals(restored(dir, m2.id, m2.devices[1]!.key), t2[1]!.image);
+    assertEquals(restored(dir, m1.id, b.path), t1[1]!.image);
+    assert(verifyPoint(dir, m2.id).ok);
   } finally {
     Deno.removeSync(root, { recursive: true });
   }
