@@ -383,6 +383,11 @@ Deno.test("backup: restore refuses a target that is smaller, and leaves it untou
     assertEquals(got.subarray(0, 8 * MiB + 1536), restored(dir, ids[2]!));
     assert(got.subarray(8 * MiB + 1536).every((b) => b === 7));
     throws(() => restoreToFile(dir, ids[0]!, "nosuch", `${root}/y`), /has no device "nosuch"/);
+    // onto a file of its own chain: refused, the file untouched
+    const base = `${dir}/${readManifest(dir, ids[0]!).devices[0]!.file}`;
+    const baseBytes = Deno.readFileSync(base);
+    throws(() => restoreToFile(dir, ids[2]!, undefined, base), /a file of point .* chain/);
+    assertEquals(Deno.readFileSync(base), baseBytes);
     throws(() => restoreToFile(dir, "20200101T000000Z", undefined, `${root}/y`), /does not exist/);
   } finally {
     Deno.removeSync(root, { recursive: true });

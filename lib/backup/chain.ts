@@ -333,6 +333,7 @@ export function restorePoint(
 ): RestoreResult {
   const top = readManifest(dir, id);
   const device = pickDevice(top, key);
+  refuseChainFile(dir, top, device.key, target.path);
   if (target.sizeBytes < device.sizeBytes) {
     throw new BlksnapError(
       "ENOSPC",
@@ -378,6 +379,34 @@ export function restorePoint(
     bytesWritten: written,
     verified: verify,
   };
+}
+
+/** A restore onto a file of the point's own chain (or its manifest) would destroy it. */
+function refuseChainFile(dir: string, top: Manifest, key: string, target: string): void {
+  let real: string;
+  try {
+    real = Deno.realPathSync(target);
+  } catch {
+    return; // a new file
+  }
+  const own = [`${dir}/${manifestName(top.id)}`];
+  try {
+    for (const l of deviceChain(dir, top, key)) {
+      own.push(l.path, `${dir}/${manifestName(l.manifest.id)}`);
+    }
+  } catch { /* verify reports a broken chain */ }
+  for (const f of own) {
+    try {
+      if (Deno.realPathSync(f) === real) {
+        throw new BlksnapError(
+          "EINVAL",
+          `The target ${target} is a file of point ${top.id}'s chain: restoring onto it would destroy it`,
+        );
+      }
+    } catch (err) {
+      if (err instanceof BlksnapError) throw err;
+    }
+  }
 }
 
 /**

@@ -178,12 +178,6 @@ export async function copyRanges(
   return bytesRead;
 }
 
-/** The latest point of the directory. */
-function previousOf(dir: string): Manifest | undefined {
-  const all = points(dir);
-  return all[all.length - 1];
-}
-
 /** Removes what an interrupted run left: `.tmp.` files, qcow2 files of points without manifest. */
 export function cleanLeftovers(dir: string): string[] {
   const removed: string[] = [];
@@ -238,7 +232,7 @@ export async function writePoint(
   const compress = options.compress ?? false;
   const time = options.time ?? new Date();
   const existing = points(dir);
-  const prev = previousOf(dir);
+  const prev = existing.at(-1);
   const id = pointId(time, existing.map((m) => m.id));
   const plans: Plan[] = [];
   try {

@@ -16,7 +16,7 @@ import {
 } from "./command.ts";
 import { parseSize, stringList } from "./parse.ts";
 import { decodeBase64 } from "./cbt.ts";
-import { DaemonError } from "../daemon/client.ts";
+import { type Client, DaemonError } from "../daemon/client.ts";
 import { BlksnapError } from "../../ffi/errno.ts";
 import {
   listPoints,
@@ -217,6 +217,14 @@ Exit status:
       if (verbose && !ctx.json) console.log(text);
     };
 
+    // Before anything is written to DIR: the devices are tracked, DIR and the storage not on them.
+    const client = await ctx.runningDaemon(
+      `no device is tracked (attach each device first: blksnap attach --device DEVICE)`,
+    );
+    const tracked = await trackedDevices(ctx, client, devices);
+    checkNotOn(dir, "The backup directory", tracked);
+    checkNotOn(storage, "The difference storage", tracked);
+
     // One run at a time per directory.
     let lock: Deno.FsFile;
     try {
@@ -235,7 +243,8 @@ Exit status:
         return BACKUP_EXIT.LOCKED;
       }
       return await runBackup(ctx, {
-        devices,
+        client,
+        tracked,
         dir,
         storage,
         limitBytes,
@@ -252,7 +261,8 @@ Exit status:
 };
 
 interface BackupArgs {
-  devices: string[];
+  client: Client;
+  tracked: TrackedDevice[];
   dir: string;
   storage: string;
   limitBytes: number;
@@ -263,31 +273,19 @@ interface BackupArgs {
   say: (text: string) => void;
 }
 
-class Overflow extends Error {}
+interface TrackedDevice {
+  original: string;
+  tracked: string;
+}
 
-async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
-  const { dir, say } = a;
-  const client = await ctx.runningDaemon(
-    `no device is tracked (attach each device first: blksnap attach --device DEVICE)`,
-  );
-
-  // What a killed run left: its snapshot, its temporary files.
-  const leftover = readLeftoverSnapshot(dir);
-  if (leftover !== null) {
-    try {
-      await ctx.call(client, "snapshot_destroy", { id: leftover });
-      console.error(`blksnap: destroyed snapshot ${leftover}, left by an interrupted backup`);
-    } catch (err) {
-      if (!(err instanceof DaemonError && err.code === "ESRCH")) throw err;
-    }
-    Deno.removeSync(`${dir}/${SNAPSHOT_FILE}`);
-  }
-  const cleaned = await cliErrors(() => cleanLeftovers(dir));
-  if (cleaned.length > 0) say(`removed ${cleaned.length} file(s) of an interrupted run`);
-
-  // The devices must be tracked; the directory and the storage must not be on them.
-  const tracked: { original: string; tracked: string }[] = [];
-  for (const d of a.devices) {
+/** The daemon's names of `devices`; an untracked one is an error that says how to attach it. */
+async function trackedDevices(
+  ctx: Context,
+  client: Client,
+  devices: string[],
+): Promise<TrackedDevice[]> {
+  const tracked: TrackedDevice[] = [];
+  for (const d of devices) {
     try {
       const info = await ctx.call(client, "cbtinfo", { device: d });
       if (tracked.some((t) => t.original === info.device)) {
@@ -305,8 +303,27 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
       throw err;
     }
   }
-  checkNotOn(dir, "The backup directory", tracked);
-  checkNotOn(a.storage, "The difference storage", tracked);
+  return tracked;
+}
+
+class Overflow extends Error {}
+
+async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
+  const { dir, say, client, tracked } = a;
+
+  // What a killed run left: its snapshot, its temporary files.
+  const leftover = readLeftoverSnapshot(dir);
+  if (leftover !== null) {
+    try {
+      await ctx.call(client, "snapshot_destroy", { id: leftover });
+      console.error(`blksnap: destroyed snapshot ${leftover}, left by an interrupted backup`);
+    } catch (err) {
+      if (!(err instanceof DaemonError && err.code === "ESRCH")) throw err;
+    }
+    Deno.removeSync(`${dir}/${SNAPSHOT_FILE}`);
+  }
+  const cleaned = await cliErrors(() => cleanLeftovers(dir));
+  if (cleaned.length > 0) say(`removed ${cleaned.length} file(s) of an interrupted run`);
 
   const { id: snapshotId } = await ctx.call(client, "snapshot_create", {
     devices: tracked.map((t) => t.original),

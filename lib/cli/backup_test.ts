@@ -172,9 +172,10 @@ Deno.test("cli backup: an untracked device, a busy directory, an overflow, a lef
     assertEquals(r.code, 1);
     assertMatch(r.err, /\/dev\/sdz is not tracked: attach it .*blksnap attach --device \/dev\/sdz/);
     assertEquals(f.snapshot, null);
+    assertEquals([...Deno.readDirSync(dir)], [], "nothing written to DIR");
 
     // another run holds the lock
-    const lock = Deno.openSync(`${dir}/.lock`, { read: true, write: true });
+    const lock = Deno.openSync(`${dir}/.lock`, { read: true, write: true, create: true });
     lock.lockSync(true);
     r = await cli(socket, "backup", "-d", "/dev/loop7", "--to", dir);
     lock.close();
