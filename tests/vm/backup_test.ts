@@ -308,6 +308,39 @@ vmTest(
         }
         lap("overflow");
 
+        // SIGTERM mid-copy: the run stops, destroys its snapshot, leaves no file and exits 1.
+        {
+          const child = new Deno.Command(Deno.execPath(), {
+            args: ["run", "-A", "--quiet", MAIN, "backup", "-d", orig.path, "--to", dir, "--full"],
+            env: { BLKSNAP_SOCKET: cli.socket },
+            stdout: "piped",
+            stderr: "piped",
+          }).spawn();
+          let signalled = false;
+          for (let i = 0; i < 2000 && !signalled; i++) {
+            if (
+              [...Deno.readDirSync(dir)].some((e) =>
+                e.name.startsWith(".tmp.") && e.name.endsWith(".qcow2")
+              )
+            ) {
+              child.kill("SIGTERM");
+              signalled = true;
+            } else await sleep(10);
+          }
+          const out = await child.output();
+          assert(signalled, `the backup ended (${out.code}) before it could be signalled`);
+          const err = new TextDecoder().decode(out.stderr);
+          assertEquals(out.code, 1, err);
+          assertMatch(err, /Interrupted: no point was written/);
+          assertEquals(await cli.ok("snapshot_collect"), "", "no snapshot left after SIGTERM");
+          assert(
+            ![...Deno.readDirSync(dir)].some((e) =>
+              e.name.startsWith(".tmp.") || e.name === ".snapshot"
+            ),
+          );
+        }
+        lap("SIGTERM mid-copy");
+
         // Killed mid-copy (a full copy, to be slow enough): the snapshot is left; the next
         // run destroys it and writes a correct point.
         await umount();
