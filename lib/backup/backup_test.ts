@@ -1,6 +1,7 @@
 import { deepStrictEqual as assertEquals, ok as assert, rejects, throws } from "node:assert/strict";
 import { changedRanges, changeOrder, fullReason } from "./changes.ts";
 import {
+  cleanLeftovers,
   deviceKey,
   listPoints,
   type Manifest,
@@ -10,7 +11,7 @@ import {
   readManifest,
   writeManifest,
 } from "./manifest.ts";
-import { cleanLeftovers, type DeviceSource, writePoint, type WritePointOptions } from "./point.ts";
+import { type DeviceSource, writePoint, type WritePointOptions } from "./point.ts";
 import { prune, restoreToFile, verifyPoint } from "./chain.ts";
 import { Qcow2Image } from "./qcow2.ts";
 import { mountsByDevice, openTarget } from "./target.ts";
@@ -683,6 +684,51 @@ Deno.test("backup: two devices in one point: each chains on its own, restore pic
     assertEquals(restored(dir, m2.id, m2.devices[1]!.key), t2[1]!.image);
     assertEquals(restored(dir, m1.id, b.path), t1[1]!.image);
     assert(verifyPoint(dir, m2.id).ok);
+  } finally {
+    Deno.removeSync(root, { recursive: true });
+  }
+});
+
+Deno.test("backup: prune stopped after any of its steps (a crash) leaves every point correct, and the next prune finishes", async () => {
+  const root = tmpDir();
+  try {
+    const { dir, ids, images } = await threePoints(root, 41);
+    const pristine = `${root}/pristine`;
+    Deno.mkdirSync(pristine);
+    for (const e of Deno.readDirSync(dir)) {
+      Deno.copyFileSync(`${dir}/${e.name}`, `${pristine}/${e.name}`);
+    }
+    const steps: string[] = [];
+    prune(dir, 1, { step: (what) => steps.push(what) });
+    // Point 2 absorbs (its file, its manifest), then points 1 and 0 go, each manifest first.
+    assertEquals(steps.length, 2 + 2 * 2);
+    for (let k = 0; k < steps.length; k++) {
+      const work = `${root}/crash${k}`;
+      Deno.mkdirSync(work);
+      for (const e of Deno.readDirSync(pristine)) {
+        Deno.copyFileSync(`${pristine}/${e.name}`, `${work}/${e.name}`);
+      }
+      let n = 0;
+      throws(() =>
+        prune(work, 1, {
+          step: () => {
+            if (n++ === k) throw new Error("crash");
+          },
+        }), /crash/);
+      for (const l of listPoints(work)) {
+        assert("manifest" in l, `after step ${k} (${steps[k]}): ${JSON.stringify(l)}`);
+        const i = ids.indexOf(l.id);
+        const v = verifyPoint(work, l.id);
+        assert(v.ok, `after step ${k} (${steps[k]}): ${l.id}: ${v.problem?.message}`);
+        assertEquals(restored(work, l.id), images[i], `after step ${k}: ${l.id}`);
+      }
+      assert(listPoints(work).some((l) => l.id === ids[2]), "the kept point is always there");
+      prune(work, 1);
+      assertEquals(listPoints(work).map((l) => l.id), [ids[2]]);
+      assertEquals(readManifest(work, ids[2]!).kind, "full");
+      assertEquals(restored(work, ids[2]!), images[2]);
+      assertEquals([...Deno.readDirSync(work)].length, 2, `after step ${k}: leftovers`);
+    }
   } finally {
     Deno.removeSync(root, { recursive: true });
   }

@@ -14,6 +14,7 @@ import { createHash } from "node:crypto";
 import { BlksnapError } from "../engine/errors.ts";
 import { type ClusterKind, Qcow2Image, Qcow2Writer } from "./qcow2.ts";
 import {
+  cleanLeftovers,
   type DeviceEntry,
   type Manifest,
   manifestName,
@@ -497,7 +498,17 @@ export interface PruneResult {
  * manifest. Then the removed points go, newest first, each manifest before
  * its files: at every step each remaining point's chain is whole.
  */
-export function prune(dir: string, keep: number): PruneResult {
+export function prune(
+  dir: string,
+  keep: number,
+  options: {
+    /** Called after each durable step (tests stop there, as a crash would). */
+    step?: (what: string) => void;
+  } = {},
+): PruneResult {
+  const step = options.step ?? (() => {});
+  // What an interrupted backup or prune left (files of removed manifests, .tmp. files).
+  cleanLeftovers(dir);
   if (!Number.isSafeInteger(keep) || keep < 1) {
     throw new BlksnapError("EINVAL", `--keep must be a whole number of at least 1, not ${keep}`);
   }
@@ -529,6 +540,7 @@ export function prune(dir: string, keep: number): PruneResult {
         continue;
       }
       devices.push(absorb(dir, m, d));
+      step(`absorbed ${d.file}`);
     }
     const full = devices.every((d) => d.kind === "full");
     const updated: Manifest = {
@@ -541,14 +553,17 @@ export function prune(dir: string, keep: number): PruneResult {
       ),
     };
     writeManifest(dir, updated);
+    step(`rewrote ${manifestName(m.id)}`);
     absorbed.push(m.id);
   }
   for (const m of [...gone].reverse()) {
     Deno.removeSync(`${dir}/${manifestName(m.id)}`);
     syncDir(dir);
+    step(`removed ${manifestName(m.id)}`);
     for (const d of m.devices) {
       try {
         Deno.removeSync(`${dir}/${d.file}`);
+        step(`removed ${d.file}`);
       } catch (err) {
         if (!(err instanceof Deno.errors.NotFound)) throw err;
       }

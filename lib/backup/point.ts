@@ -178,34 +178,6 @@ export async function copyRanges(
   return bytesRead;
 }
 
-/** Removes what an interrupted run left: `.tmp.` files, qcow2 files of points without manifest. */
-export function cleanLeftovers(dir: string): string[] {
-  const removed: string[] = [];
-  const ids = new Set<string>();
-  const files: string[] = [];
-  for (const e of Deno.readDirSync(dir)) {
-    if (!e.isFile) continue;
-    if (e.name.startsWith(TMP_PREFIX)) {
-      Deno.removeSync(`${dir}/${e.name}`);
-      removed.push(e.name);
-      continue;
-    }
-    const m = /^([0-9]{8}T[0-9]{6}Z(?:-[0-9]+)?)\.(json|.+\.qcow2)$/.exec(e.name);
-    if (m === null) continue;
-    if (m[2] === "json") ids.add(m[1]!);
-    else files.push(e.name);
-  }
-  for (const f of files) {
-    const id = f.slice(0, f.indexOf("."));
-    if (!ids.has(id)) {
-      Deno.removeSync(`${dir}/${f}`);
-      removed.push(f);
-    }
-  }
-  if (removed.length > 0) syncDir(dir);
-  return removed;
-}
-
 interface Plan {
   src: DeviceSource;
   file: Deno.FsFile;

@@ -19,6 +19,7 @@ import { decodeBase64 } from "./cbt.ts";
 import { type Client, DaemonError } from "../daemon/client.ts";
 import { BlksnapError } from "../../ffi/errno.ts";
 import {
+  cleanLeftovers,
   listPoints,
   LOCK_FILE,
   type Manifest,
@@ -27,7 +28,7 @@ import {
   SNAPSHOT_FILE,
   writeFileAtomic,
 } from "../backup/manifest.ts";
-import { cleanLeftovers, type DeviceSource, writePoint } from "../backup/point.ts";
+import { type DeviceSource, writePoint } from "../backup/point.ts";
 import {
   deviceChain,
   pickDevice,
