@@ -54,5 +54,6 @@ Commands:
 ${all.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join("\n")}
 
 Run "blksnap COMMAND --help" for a command's options. Every command accepts --json.
-Exit status: 0 success, 1 the operation failed, 2 bad command line, 3 no daemon.`;
+Exit status: 0 success, 1 the operation failed, 2 bad command line, 3 no daemon;
+backup also 4 nothing to do, 5 snapshot overflow, 6 another backup runs.`;
 }

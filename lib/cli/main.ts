@@ -24,6 +24,7 @@ import {
   snapshot_watcher,
 } from "./snapshot.ts";
 import { daemon } from "./daemon_cmd.ts";
+import { backup, backups, restore, verify } from "./backup.ts";
 import { makeHelp, overview, version } from "./info.ts";
 import { DaemonError, DaemonUnavailableError } from "../daemon/client.ts";
 import { ErrnoError } from "../../ffi/errno.ts";
@@ -46,6 +47,10 @@ const COMMANDS: Command[] = [
   snapshot_watcher,
   snapshot_collect,
   snapshot_destroy,
+  backup,
+  restore,
+  verify,
+  backups,
   daemon,
   help,
 ];
