@@ -85,6 +85,8 @@ export class Daemon {
   /** Attaches, detaches and removals under way; shutdown waits for them. */
   readonly #inflight = new Set<Promise<unknown>>();
   readonly snapshots: Snapshots;
+  /** ublk ids of tracked devices being removed. */
+  readonly #removing = new Set<number>();
   /** The snapshot a take is under way for (recorded in the state file). */
   #taking: string | null = null;
   /** The state file (state_file.ts): rewritten at every change of the devices. */
@@ -284,6 +286,8 @@ export class Daemon {
       ...this.snapshots.ublkIds(),
       ...this.#starting.keys(),
       ...this.#unrecovered.keys(),
+      // being removed: a query would wait behind its STOP_DEV or DEL_DEV
+      ...this.#removing,
     ]);
     const ids: number[] = [];
     try {
@@ -567,6 +571,7 @@ export class Daemon {
       );
     }
     this.#tracked.delete(t.info.originalDevice);
+    this.#removing.add(t.info.ublkId);
     // Parked writes must go before STOP_DEV can complete.
     t.pipe.ctl.openGate();
     t.pipe.stopCow();
@@ -597,6 +602,7 @@ export class Daemon {
       );
       throw err;
     } finally {
+      this.#removing.delete(t.info.ublkId);
       this.#saveState();
     }
     // Only once every queue has exited: a queue still using the number would
@@ -906,6 +912,7 @@ export class Daemon {
   async #removeOrphanImages(): Promise<void> {
     for (const devId of listUblkIds()) {
       if ([...this.#tracked.values()].some((t) => t.info.ublkId === devId)) continue;
+      if (this.snapshots.ublkIds().includes(devId)) continue;
       let info;
       try {
         info = await this.#ctrl.getDevInfo(devId);
@@ -913,9 +920,13 @@ export class Daemon {
         continue;
       }
       const tag = decodeOwnerTag(info.ublksrvFlags);
-      // pid 0: not started yet, maybe by a live daemon: not ours to judge.
-      if (!tag || tag.role !== "image" || info.ublksrvPid <= 0) continue;
-      if (pidAlive(info.ublksrvPid)) continue;
+      if (!tag || tag.role !== "image") continue;
+      if (info.ublksrvPid <= 0) {
+        // Never started: made by a take that died between ADD_DEV and
+        // START_DEV, or being made by a live daemon. Ours when it images an
+        // original this daemon tracks (held O_EXCL: no other daemon can).
+        if (!this.#tracked.has(tag.originalDevice)) continue;
+      } else if (pidAlive(info.ublksrvPid)) continue;
       await this.#deleteLeftDevice(devId, "image", tag.originalDevice, "image of a lost snapshot");
     }
   }
