@@ -12,7 +12,7 @@ import {
 import { Client, DaemonUnavailableError, startDaemon } from "../daemon/client.ts";
 import { runDaemon } from "../daemon/run.ts";
 import { DEFAULT_SOCKET_PATH } from "../daemon/protocol.ts";
-import { DEFAULT_DAEMON_OPTIONS } from "../daemon/daemon.ts";
+import { DEFAULT_DAEMON_OPTIONS, pidAlive } from "../daemon/daemon.ts";
 import { MAX_QUEUES } from "../pipeline/device_ctl.ts";
 import { DEFAULT_PARAMS, PARAM_SPECS, type Params, resolveParams } from "../engine/params.ts";
 import { BlksnapError } from "../../ffi/errno.ts";
@@ -125,8 +125,8 @@ async function handover(ctx: Context, force: boolean): Promise<number> {
   const r = await ctx.call(client, "handover", { force });
   client.close();
   // The old daemon exits once it answered; wait until it is gone.
-  for (let i = 0; i < 600 && isAlive(r.pid); i++) await sleep(50);
-  if (isAlive(r.pid)) {
+  for (let i = 0; i < 600 && pidAlive(r.pid); i++) await sleep(50);
+  if (pidAlive(r.pid)) {
     throw new DaemonUnavailableError(`The daemon (pid ${r.pid}) did not exit after the handover`);
   }
   // A supervisor (the systemd unit) restarts it at once; else start it here.
@@ -162,14 +162,6 @@ async function handover(ctx: Context, force: boolean): Promise<number> {
     ].join("\n"),
   );
   return unrecovered.length > 0 ? EXIT.FAILED : EXIT.OK;
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    return Deno.statSync(`/proc/${pid}`).isDirectory;
-  } catch {
-    return false;
-  }
 }
 
 function sleep(ms: number): Promise<void> {

@@ -302,14 +302,12 @@ export class Daemon {
     for (const id of ids.sort((a, b) => a - b)) {
       try {
         const info = await this.#ctrl.getDevInfo(id);
-        const state = ["dead", "live", "quiesced", "fail_io"][info.state] ?? `state ${info.state}`;
-        let pidAlive = false;
-        try {
-          pidAlive = info.ublksrvPid > 0 && Deno.statSync(`/proc/${info.ublksrvPid}`).isDirectory;
-        } catch {
-          pidAlive = false;
-        }
-        out.push({ ublkId: id, state, pid: info.ublksrvPid, pidAlive });
+        out.push({
+          ublkId: id,
+          state: stateName(info.state),
+          pid: info.ublksrvPid,
+          pidAlive: pidAlive(info.ublksrvPid),
+        });
       } catch {
         // vanished meanwhile
       }
@@ -1230,7 +1228,7 @@ function removeFile(path: string): void {
 }
 
 /** True while a process with this pid exists. */
-function pidAlive(pid: number): boolean {
+export function pidAlive(pid: number): boolean {
   if (pid <= 0) return false;
   try {
     return Deno.statSync(`/proc/${pid}`).isDirectory;

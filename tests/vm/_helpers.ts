@@ -333,3 +333,51 @@ export function stopwatch(name: string): (what: string) => void {
     last = now;
   };
 }
+
+/**
+ * fio writing 4 KiB blocks at random with crc32c verification, depth 32, one
+ * job per CPU (so both ublk queues serve it), each over its 32 MiB half of a
+ * 64 MiB device, until stop(): which ends it (SIGINT) and returns its output.
+ */
+export function startVerifyingFio(
+  filename: string,
+  options: { name: string; verifyBacklog: number; extra?: string[] },
+): { stop(): Promise<string> } {
+  const fio = new Deno.Command("fio", {
+    args: [
+      `--filename=${filename}`,
+      `--name=${options.name}`,
+      "--ioengine=io_uring",
+      "--direct=1",
+      "--iodepth=32",
+      "--numjobs=2",
+      "--cpus_allowed=0-1",
+      "--cpus_allowed_policy=split",
+      "--size=32M",
+      "--offset_increment=32M",
+      "--rw=randwrite",
+      "--bs=4k",
+      "--verify=crc32c",
+      `--verify_backlog=${options.verifyBacklog}`,
+      "--verify_fatal=1",
+      "--time_based",
+      "--runtime=600",
+      "--group_reporting",
+      ...(options.extra ?? []),
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  return {
+    async stop() {
+      try {
+        fio.kill("SIGINT");
+      } catch {
+        // already exited
+      }
+      const out = await fio.output();
+      const dec = new TextDecoder();
+      return dec.decode(out.stdout) + dec.decode(out.stderr);
+    },
+  };
+}

@@ -26,28 +26,20 @@ import {
   sh,
   sha256,
   sleep,
+  startVerifyingFio,
   ublkNodes,
   vmTest,
 } from "./_helpers.ts";
 import type { StatusResult } from "../../lib/daemon/protocol.ts";
+import { Rng } from "../../lib/engine/_test_util.ts";
 
 const SEED = Number(Deno.env.get("BLKSNAP_CRASH_SEED") ?? String(Date.now() % 2 ** 31));
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 /** Runs `fn`, printing the seed and the daemon's log on failure. */
 async function seeded(cli: Cli, fn: (r: () => number) => Promise<void>): Promise<void> {
   try {
-    await fn(rng(SEED));
+    const r = new Rng(SEED);
+    await fn(() => r.next());
   } catch (err) {
     console.error(`crash test failed with BLKSNAP_CRASH_SEED=${SEED}`);
     console.error(daemonLog(cli).split("\n").slice(-80).join("\n"));
@@ -118,32 +110,12 @@ vmTest(
     const loop = await Loop.create(64);
     await seeded(cli, async (r) => {
       const tracked = await cli.ok("attach", "--device", loop.path);
-      const fio = new Deno.Command("fio", {
-        args: [
-          `--filename=${tracked}`,
-          "--name=crash",
-          "--ioengine=io_uring",
-          "--direct=1",
-          "--iodepth=32",
-          "--numjobs=2",
-          "--cpus_allowed=0-1",
-          "--cpus_allowed_policy=split",
-          "--size=32M",
-          "--offset_increment=32M",
-          "--rw=randwrite",
-          "--bs=4k",
-          `--randseed=${SEED}`,
-          "--verify=crc32c",
-          "--verify_backlog=2048",
-          "--verify_fatal=1",
-          "--loops=1000",
-          "--time_based",
-          "--runtime=600",
-          "--group_reporting",
-        ],
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
+      let text = "";
+      const fio = startVerifyingFio(tracked, {
+        name: "crash",
+        verifyBacklog: 2048,
+        extra: [`--randseed=${SEED}`, "--loops=1000"],
+      });
       const times: number[] = [];
       try {
         await sleep(3000);
@@ -157,10 +129,8 @@ vmTest(
           await sleep(500 + r() * 2000);
         }
       } finally {
-        fio.kill("SIGINT");
+        text = await fio.stop();
       }
-      const out = await fio.output();
-      const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
       assert(/err= 0/.test(text), `fio reported errors:\n${text}`);
       const s = await status(cli);
       const q = s.devices[0]!.queueStats;

@@ -14,6 +14,7 @@
  */
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/strict";
 import { parseRequest } from "../../lib/daemon/protocol.ts";
+import { Rng } from "../../lib/engine/_test_util.ts";
 import { Cli, Loop, pseudoRandomBytes, sha256, sleep, vmTest } from "./_helpers.ts";
 
 const COUNT = Number(Deno.env.get("BLKSNAP_FUZZ_COUNT") ?? "3000");
@@ -29,18 +30,6 @@ const HARMLESS = new Set([
   "snapshot_info",
   "snapshot_collect",
 ]);
-
-/** mulberry32: small, seeded, good enough to pick mutations. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 interface Status {
   running: boolean;
@@ -65,17 +54,17 @@ async function cbtState(cli: Cli, device: string): Promise<[Uint8Array, unknown]
 }
 
 class Fuzzer {
-  readonly #r: () => number;
+  readonly #r: Rng;
   readonly #device: string;
   readonly #tracked: string;
   constructor(seed: number, device: string, tracked: string) {
-    this.#r = rng(seed);
+    this.#r = new Rng(seed);
     this.#device = device;
     this.#tracked = tracked;
   }
 
   int(n: number): number {
-    return Math.floor(this.#r() * n);
+    return Math.floor(this.#r.next() * n);
   }
 
   pick<T>(xs: readonly T[]): T {

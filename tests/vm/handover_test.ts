@@ -11,7 +11,15 @@ import {
   match as assertMatch,
   ok as assert,
 } from "node:assert/strict";
-import { assertNoUblkDevices, Cli, daemonLog, Loop, sleep, vmTest } from "./_helpers.ts";
+import {
+  assertNoUblkDevices,
+  Cli,
+  daemonLog,
+  Loop,
+  sleep,
+  startVerifyingFio,
+  vmTest,
+} from "./_helpers.ts";
 import type { StatusResult } from "../../lib/daemon/protocol.ts";
 
 interface CbtInfo {
@@ -30,30 +38,8 @@ vmTest(
     try {
       const tracked = await cli.ok("attach", "--device", loop.path);
       const before = await cli.json<CbtInfo>("cbtinfo", "--device", loop.path);
-      const fio = new Deno.Command("fio", {
-        args: [
-          `--filename=${tracked}`,
-          "--name=handover",
-          "--ioengine=io_uring",
-          "--direct=1",
-          "--iodepth=32",
-          "--numjobs=2",
-          "--cpus_allowed=0-1",
-          "--cpus_allowed_policy=split",
-          "--size=32M",
-          "--offset_increment=32M",
-          "--rw=randwrite",
-          "--bs=4k",
-          "--verify=crc32c",
-          "--verify_backlog=1024",
-          "--verify_fatal=1",
-          "--time_based",
-          "--runtime=600",
-          "--group_reporting",
-        ],
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
+      let text = "";
+      const fio = startVerifyingFio(tracked, { name: "handover", verifyBacklog: 1024 });
       const times: number[] = [];
       let oldPid = 0;
       try {
@@ -70,10 +56,8 @@ vmTest(
           await sleep(2000);
         }
       } finally {
-        fio.kill("SIGINT");
+        text = await fio.stop();
       }
-      const out = await fio.output();
-      const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
       assertMatch(text, /err= 0/, `fio reported errors:\n${text}`);
       const st = await cli.json<StatusResult>("status");
       assertEquals(st.devices.map((d) => d.tracked), [tracked]);
