@@ -19,7 +19,7 @@ import type { Libc } from "../../ffi/libc.ts";
 import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { EventQueue, type SnapshotEvent } from "../engine/event_queue.ts";
 import type { Params } from "../engine/params.ts";
-import { CTL, CTL_F } from "../pipeline/device_ctl.ts";
+import { CTL, CTL_F, LANE } from "../pipeline/device_ctl.ts";
 import { SF, STORAGE_KIND_NAMES, StorageCtl, SW } from "../pipeline/storage_ctl.ts";
 import type { StoreWorkerInit, StoreWorkerReport } from "../pipeline/store_worker.ts";
 import type { UblkControl } from "../ublk/control.ts";
@@ -275,11 +275,11 @@ export class Snapshots {
           image: s.images.get(d.originalKey)?.path ?? null,
           errorCode: s.takenAt ? Atomics.load(d.pipe.ctl.w, CTL.ERROR) : 0,
           chunkBytes: d.pipe.chunkBytes,
-          copiedChunks: Atomics.load(d.pipe.ctl.w, CTL.COW_LOADS),
+          copiedChunks: d.pipe.ctl.counter(LANE.COW_LOADS),
           storedChunks: d.pipe.ctl.f[CTL_F.STORED]!,
-          parked: Atomics.load(d.pipe.ctl.w, CTL.PARKED),
-          imageReads: Atomics.load(d.pipe.ctl.w, CTL.IMAGE_READS),
-          imageWrites: Atomics.load(d.pipe.ctl.w, CTL.IMAGE_WRITES),
+          parked: d.pipe.ctl.counter(LANE.PARKED),
+          imageReads: d.pipe.ctl.counter(LANE.IMAGE_READS),
+          imageWrites: d.pipe.ctl.counter(LANE.IMAGE_WRITES),
           buffersInUse: d.pipe.pool.inUse,
           buffersPeak: d.pipe.pool.peak,
         })),

@@ -142,6 +142,11 @@ export class CbtMap {
   #uuid!: Uint8Array;
   #writeMap!: Uint8Array;
   #readMap!: Uint8Array;
+  /** log2 of sectors per block, and sectors per block (`#set` divides without Math.pow). */
+  #sectorShift = 0;
+  #blockSectors = 1;
+  /** capacitySectors as a plain number (an integer compare on every write, not a Float64Array load). */
+  #capacitySectors = 0;
 
   /** `memory` holds the map when it is outside the heap; `shared` then describes it. */
   private constructor(shared: SharedArrayBuffer, memory: ArrayBufferLike = shared) {
@@ -260,6 +265,9 @@ export class CbtMap {
     assert(memory.byteLength === cbtMapBytes(count), "CBT buffer size mismatch");
     this.#writeMap = new Uint8Array(memory, HEADER_BYTES, count);
     this.#readMap = new Uint8Array(memory, HEADER_BYTES + align64(count), count);
+    this.#sectorShift = this.#words[W_SHIFT]! - SECTOR_SHIFT;
+    this.#blockSectors = 2 ** this.#sectorShift;
+    this.#capacitySectors = this.#capacity[0]!;
   }
 
   /** The buffer to hand to workers; replaced only by {@linkcode reset}. */
@@ -323,7 +331,7 @@ export class CbtMap {
   mark(sector: number, count: number): void {
     if (this.isCorrupted || count === 0) return;
     if (!isWellFormed(sector, count)) throw this.#outside(sector, count);
-    if (sector + count > this.capacitySectors) {
+    if (sector + count > this.#capacitySectors) {
       this.setCorrupted();
       return;
     }
@@ -445,9 +453,18 @@ export class CbtMap {
   }
 
   #set(map: Uint8Array, sector: number, count: number, number: number): void {
-    const shift = this.blockSizeShift - SECTOR_SHIFT;
-    const first = Math.floor(sector / 2 ** shift);
-    const last = Math.floor((sector + count - 1) / 2 ** shift);
+    // On every write: integer shifts while the range is below 2^31 sectors
+    // (1 TiB), a division past it. Never 2 ** shift here: Math.pow is a
+    // library call, and under emulation (TCG) a costly one.
+    const end = sector + count - 1;
+    let first: number, last: number;
+    if (end <= 0x7fff_ffff) {
+      first = sector >>> this.#sectorShift;
+      last = end >>> this.#sectorShift;
+    } else {
+      first = Math.floor(sector / this.#blockSectors);
+      last = Math.floor(end / this.#blockSectors);
+    }
     // The message is built only on failure: as an argument of assert() it
     // would be allocated on every write.
     if (last >= map.length) assert(false, `CBT block ${last} past the map of ${map.length}`);

@@ -193,7 +193,7 @@ export class StoreLoop {
     }
     const st = this.#st;
     const unitShift = st.w[SW.UNIT_SHIFT]!;
-    const unit = 2 ** unitShift;
+    const unit = 1 << unitShift; // unitShift < 31 (not Math.pow: per chunk, costly under TCG)
     const sectors = Math.ceil(bytes / SECTOR / unit) * unit;
     const filled = st.f[SF.FILLED]!;
     if (filled + sectors > st.f[SF.REQUESTED]!) {

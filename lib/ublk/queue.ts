@@ -60,9 +60,11 @@ export interface QueueOptions {
 /**
  * Counters each queue publishes in its device's stats SharedArrayBuffer:
  * Float64 slots [qId * STRIDE + field]; the queue is the only writer of its slots.
+ * STRIDE is 16 slots (128 bytes): no two queues share a cache line (with 12, the
+ * counters of queue 0 and 1 shared one, and every request moved it between CPUs).
  */
 export const QUEUE_STATS = {
-  STRIDE: 12,
+  STRIDE: 16,
   REQUESTS: 0,
   READS: 1,
   WRITES: 2,
@@ -366,7 +368,9 @@ export class UblkQueue implements QueueContext {
     req.op = opFlags & 0xff;
     req.flags = opFlags & ~0xff;
     req.nrSectors = d[i + 1]!;
-    req.startSector = d[i + 2]! + d[i + 3]! * 4_294_967_296;
+    const hi = d[i + 3]!;
+    // Floating-point arithmetic only past 2^32 sectors (it is a helper call under TCG).
+    req.startSector = hi === 0 ? d[i + 2]! : d[i + 2]! + hi * 4_294_967_296;
     req.bufAddress = this.#bufBase + tag * this.maxIoBufBytes;
   }
 

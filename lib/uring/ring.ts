@@ -163,7 +163,8 @@ export class Ring {
   setU64(byteOffset: number, value: number): void {
     const i = byteOffset >> 2;
     this.sqeU32[i] = value >>> 0;
-    this.sqeU32[i + 1] = Math.floor(value / TWO_32);
+    // No division for the common case (a division is a costly helper under TCG).
+    this.sqeU32[i + 1] = value > 0xffff_ffff ? Math.floor(value / TWO_32) : 0;
   }
 
   /** Fills a read/write-style SQE. `addr` is a C address as a number. */

@@ -140,7 +140,7 @@ class StressWorker {
         this.rng.range(1, spanChunks * sectorsPerChunk) * SECTOR,
       );
       for (let i = 0; i < length / 4; i++) data[i] = this.rng.next() * 2 ** 32;
-      while (!this.ctl.admit()) {
+      while (!this.ctl.admit(this.setup.index)) {
         this.count("refused");
         this.checkStop();
         Atomics.wait(this.ctl.w, CTL.GATE, 1, 0.5);
@@ -156,7 +156,7 @@ class StressWorker {
         // the write reaches the original, in two halves to meet readers halfway
         this.copy(this.original, startByte, dataBytes, 0, length);
       } finally {
-        this.ctl.finish();
+        this.ctl.finish(this.setup.index);
       }
       Atomics.add(this.words, W.OPS + this.setup.index, 1);
       this.count("writes");

@@ -33,7 +33,7 @@ import {
   SRC_ORIGINAL,
   SRC_STORAGE,
 } from "../../pipeline/cow.ts";
-import { CTL, DeviceCtl } from "../../pipeline/device_ctl.ts";
+import { CTL, DeviceCtl, imageLane, LANE } from "../../pipeline/device_ctl.ts";
 import { SpscRing } from "../../pipeline/spsc_ring.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { unreachable } from "../../assert.ts";
@@ -64,16 +64,19 @@ export class ImageTarget implements UblkTarget {
   readonly #sizeBytes: number;
 
   readonly #op: Uint8Array;
-  readonly #start: Float64Array; // bytes
-  readonly #bytes: Float64Array;
-  readonly #next: Float64Array;
-  readonly #last: Float64Array;
+  // Per tag and per piece, byte and chunk numbers in plain arrays: small
+  // integers stay integers (a Float64Array makes each use floating point,
+  // a helper call per operation under TCG); past 2^31 they hold doubles.
+  readonly #start: number[]; // bytes
+  readonly #bytes: number[];
+  readonly #next: number[];
+  readonly #last: number[];
   readonly #pieces: Uint8Array;
   readonly #failed: Int32Array;
-  readonly #redo: Float64Array;
+  readonly #redo: number[];
   readonly #pType: Uint8Array;
-  readonly #pFirst: Float64Array;
-  readonly #pLast: Float64Array;
+  readonly #pFirst: number[];
+  readonly #pLast: number[];
   readonly #pLength: Int32Array;
   readonly #pBuffer: Int32Array;
   readonly #pTagOffset: Int32Array;
@@ -90,19 +93,19 @@ export class ImageTarget implements UblkTarget {
     this.#waker = waker;
     this.#sizeBytes = shared.sizeBytes;
     this.#op = new Uint8Array(depth);
-    this.#start = new Float64Array(depth);
-    this.#bytes = new Float64Array(depth);
-    this.#next = new Float64Array(depth);
-    this.#last = new Float64Array(depth);
+    this.#start = Array.from({ length: depth }, () => 0);
+    this.#bytes = Array.from({ length: depth }, () => 0);
+    this.#next = Array.from({ length: depth }, () => 0);
+    this.#last = Array.from({ length: depth }, () => 0);
     this.#pieces = new Uint8Array(depth);
     this.#failed = new Int32Array(depth);
-    this.#redo = new Float64Array(depth);
+    this.#redo = Array.from({ length: depth }, () => 0);
     this.#view = new SnapshotView(this.#ctl, shared.chunks, { poolWords: true });
     this.#parking = new Parking(depth, this.#ctl);
     const p = depth * MAX_PIECES;
     this.#pType = new Uint8Array(p);
-    this.#pFirst = new Float64Array(p);
-    this.#pLast = new Float64Array(p);
+    this.#pFirst = Array.from({ length: p }, () => 0);
+    this.#pLast = Array.from({ length: p }, () => 0);
     this.#pLength = new Int32Array(p);
     this.#pBuffer = new Int32Array(p);
     this.#pTagOffset = new Int32Array(p);
@@ -121,12 +124,19 @@ export class ImageTarget implements UblkTarget {
     this.#op[tag] = op;
     this.#start[tag] = start;
     this.#bytes[tag] = bytes;
-    this.#next[tag] = Math.floor(start / this.#view.chunkBytes);
-    this.#last[tag] = Math.floor((start + bytes - 1) / this.#view.chunkBytes);
+    const endSector = req.startSector + req.nrSectors - 1;
+    if (endSector <= 0x7fff_ffff) {
+      const shift = this.#view.chunkShift - 9;
+      this.#next[tag] = req.startSector >>> shift;
+      this.#last[tag] = endSector >>> shift;
+    } else {
+      this.#next[tag] = Math.floor(start / this.#view.chunkBytes);
+      this.#last[tag] = Math.floor((start + bytes - 1) / this.#view.chunkBytes);
+    }
     this.#failed[tag] = 0;
     this.#redo[tag] = -1;
     if (op === UBLK_IO_OP.WRITE) {
-      this.#ctl.count(CTL.IMAGE_WRITES);
+      this.#ctl.count(imageLane(q.qId), LANE.IMAGE_WRITES);
       try {
         this.#cbt.markBoth(req.startSector, req.nrSectors);
       } catch {
@@ -134,7 +144,7 @@ export class ImageTarget implements UblkTarget {
       }
       return this.#writeRound(q, tag);
     }
-    this.#ctl.count(CTL.IMAGE_READS);
+    this.#ctl.count(imageLane(q.qId), LANE.IMAGE_READS);
     return this.#readRound(q, tag);
   }
 

@@ -30,7 +30,7 @@ import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
 import { CHUNK } from "../../pipeline/chunk_map.ts";
 import { COW_SAFE, cowChunk } from "../../pipeline/cow.ts";
-import { CTL, DeviceCtl } from "../../pipeline/device_ctl.ts";
+import { CTL, DeviceCtl, LANE } from "../../pipeline/device_ctl.ts";
 import { SpscRing } from "../../pipeline/spsc_ring.ts";
 import { packUserData, UD_KIND } from "../../uring/user_data.ts";
 import { assert, unreachable } from "../../assert.ts";
@@ -100,10 +100,13 @@ export class TrackedTarget implements UblkTarget {
   readonly #phase: Uint8Array;
   readonly #op: Uint8Array;
   readonly #flags: Int32Array;
-  readonly #sector: Float64Array;
-  readonly #sectors: Uint32Array;
-  readonly #next: Float64Array;
-  readonly #last: Float64Array;
+  // Sector and chunk numbers per tag in plain arrays: small integers stay
+  // integers there (a Float64Array makes every use floating point, which is a
+  // helper call per operation under TCG); past 2^31 they hold doubles.
+  readonly #sector: number[];
+  readonly #sectors: Int32Array;
+  readonly #next: number[];
+  readonly #last: number[];
   readonly #loads: Uint8Array;
   readonly #loadChunk: Float64Array;
   readonly #loadBuffer: Int32Array;
@@ -112,6 +115,8 @@ export class TrackedTarget implements UblkTarget {
 
   readonly #view: SnapshotView;
   readonly #parking: Parking;
+  /** Profiling only (BLKSNAP_PROFILE_WRITE_PATH): 1 skips the gate, 2 the CBT mark, 3 both and COW. */
+  readonly #profile: number;
 
   constructor(depth: number, shared: TrackedShared, waker: Waker) {
     this.#pass = new PassthroughTarget(depth);
@@ -127,14 +132,22 @@ export class TrackedTarget implements UblkTarget {
     this.#parking = new Parking(depth, this.#ctl);
     this.#op = new Uint8Array(depth);
     this.#flags = new Int32Array(depth);
-    this.#sector = new Float64Array(depth);
-    this.#sectors = new Uint32Array(depth);
-    this.#next = new Float64Array(depth);
-    this.#last = new Float64Array(depth);
+    this.#sector = Array.from({ length: depth }, () => 0);
+    this.#sectors = new Int32Array(depth);
+    this.#next = Array.from({ length: depth }, () => 0);
+    this.#last = Array.from({ length: depth }, () => 0);
     this.#loads = new Uint8Array(depth);
     this.#loadChunk = new Float64Array(depth * LOADS_PER_TAG);
     this.#loadBuffer = new Int32Array(depth * LOADS_PER_TAG);
     this.#loadBytes = new Int32Array(depth * LOADS_PER_TAG);
+    const profile = Deno.env.get("BLKSNAP_PROFILE_WRITE_PATH") ?? "";
+    this.#profile = profile === "nogate"
+      ? 1
+      : profile === "nomark"
+      ? 2
+      : profile === "pass"
+      ? 3
+      : 0;
   }
 
   start(q: QueueContext, req: IoRequest): number {
@@ -142,6 +155,7 @@ export class TrackedTarget implements UblkTarget {
     if (op !== UBLK_IO_OP.WRITE && op !== UBLK_IO_OP.DISCARD && op !== UBLK_IO_OP.WRITE_ZEROES) {
       return this.#pass.start(q, req);
     }
+    if (this.#profile === 3) return this.#pass.start(q, req);
     const tag = req.tag;
     this.#op[tag] = op;
     this.#flags[tag] = req.flags;
@@ -155,7 +169,7 @@ export class TrackedTarget implements UblkTarget {
     const result = this.#pass.onCompletion(q, tag, sub, res);
     if (result !== PENDING && this.#phase[tag] === PHASE_IO) {
       this.#phase[tag] = PHASE_IDLE;
-      this.#ctl.finish();
+      if (this.#profile !== 1) this.#ctl.finish(q.qId);
     }
     return result;
   }
@@ -171,7 +185,7 @@ export class TrackedTarget implements UblkTarget {
   }
 
   #admit(q: QueueContext, tag: number): number {
-    if (!this.#ctl.admit()) {
+    if (this.#profile !== 1 && !this.#ctl.admit(q.qId)) {
       this.#phase[tag] = PHASE_GATE;
       this.#parking.park(tag);
       return PENDING;
@@ -179,12 +193,19 @@ export class TrackedTarget implements UblkTarget {
     const sector = this.#sector[tag]!;
     const sectors = this.#sectors[tag]!;
     // Before the write is sent: a map may over-mark but never misses a write.
-    this.#cbt.mark(sector, sectors);
+    if (this.#profile !== 2) this.#cbt.mark(sector, sectors);
     if (this.#ctl.cowActive && this.#view.current()) {
-      const shift = this.#view.chunkShift;
-      const startByte = sector * SECTOR;
-      this.#next[tag] = Math.floor(startByte / 2 ** shift);
-      this.#last[tag] = Math.floor((startByte + sectors * SECTOR - 1) / 2 ** shift);
+      // Chunk indexes by integer shifts below 2^31 sectors, else a division (never Math.pow).
+      const end = sector + sectors - 1;
+      const shift = this.#view.chunkShift - 9;
+      if (end <= 0x7fff_ffff) {
+        this.#next[tag] = sector >>> shift;
+        this.#last[tag] = end >>> shift;
+      } else {
+        const chunkSectors = this.#view.chunkBytes / SECTOR;
+        this.#next[tag] = Math.floor(sector / chunkSectors);
+        this.#last[tag] = Math.floor(end / chunkSectors);
+      }
       this.#phase[tag] = PHASE_COW;
       return this.#cow(q, tag);
     }
@@ -210,7 +231,7 @@ export class TrackedTarget implements UblkTarget {
         r = cowChunk(map, this.#pool, n);
         if (r < 0 && r !== COW_SAFE) {
           this.#next[tag] = n;
-          this.#ctl.count(CTL.PARKED);
+          this.#ctl.count(q.qId, LANE.PARKED);
           return PENDING;
         }
         this.#parking.unpark(tag);
@@ -222,8 +243,8 @@ export class TrackedTarget implements UblkTarget {
       // Claimed: read the old content into buffer r.
       let slot = 0;
       while (this.#loadBytes[base + slot] !== 0) slot++;
-      const offset = n * 2 ** this.#view.chunkShift;
-      const bytes = Math.min(2 ** this.#view.chunkShift, this.#sizeBytes - offset);
+      const offset = n * this.#view.chunkBytes;
+      const bytes = Math.min(this.#view.chunkBytes, this.#sizeBytes - offset);
       this.#loadChunk[base + slot] = n;
       this.#loadBuffer[base + slot] = r;
       this.#loadBytes[base + slot] = bytes;
@@ -256,7 +277,7 @@ export class TrackedTarget implements UblkTarget {
     const map = this.#view.map!;
     if (res === bytes) {
       map.loaded(n);
-      this.#ctl.count(CTL.COW_LOADS);
+      this.#ctl.count(q.qId, LANE.COW_LOADS);
       if (!this.#ring.push(n, buffer, bytes)) unreachable("store ring full");
       this.#waker.wake(this.#ctl.w[CTL.STORE_EFD]!);
     } else {
@@ -284,7 +305,7 @@ export class TrackedTarget implements UblkTarget {
     const result = this.#pass.start(q, req);
     if (result !== PENDING) {
       this.#phase[tag] = PHASE_IDLE;
-      this.#ctl.finish();
+      if (this.#profile !== 1) this.#ctl.finish(q.qId);
     }
     return result;
   }
