@@ -49,6 +49,8 @@ export const LIBC_SYMBOLS = {
   flock: { parameters: ["i32", "i32"], result: "i32" },
   // int umount2(const char *target, int flags)
   umount2: { parameters: ["buffer", "i32"], result: "i32" },
+  // int sched_setaffinity(pid_t pid, size_t cpusetsize, const cpu_set_t *mask)
+  sched_setaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 export type LibcSymbols = Deno.DynamicLibrary<typeof LIBC_SYMBOLS>["symbols"];

@@ -70,6 +70,21 @@ function makeTarget(
   }
 }
 
+/**
+ * An experiment (BLKSNAP_QUEUE_AFFINITY=1): pins the queue's thread to CPU
+ * qId modulo the CPU count, where blk-mq's default map sends the requests of
+ * that CPU (so the driver's task work runs where its I/O was issued). Off by
+ * default until a benchmark shows it pays.
+ */
+function pinToCpu(libc: ReturnType<typeof openLibc>, qId: number): void {
+  if (Deno.env.get("BLKSNAP_QUEUE_AFFINITY") !== "1") return;
+  const cpus = navigator.hardwareConcurrency;
+  const mask = new Uint8Array(128); // cpu_set_t: 1024 bits
+  const cpu = qId % cpus;
+  mask[cpu >> 3] = 1 << (cpu & 7);
+  libc.check(libc.sym.sched_setaffinity(0, BigInt(mask.length), mask), "sched_setaffinity");
+}
+
 /** Installs the message handler of a queue worker (`self` inside the worker). */
 export function runQueueWorker(self: Worker): void {
   self.onmessage = (ev: MessageEvent<QueueWorkerInit>) => {
@@ -81,6 +96,7 @@ export function runQueueWorker(self: Worker): void {
       const libc = openLibc();
       const uring = openLiburing();
       const { target, fds, wakeFd } = makeTarget(libc, init.target, init.depth, init.qId);
+      pinToCpu(libc, init.qId);
       queue = new UblkQueue(libc, uring.symbols, { ...init, targetFds: fds, wakeFd }, target);
       queue.fetchAll();
       post({ type: "ready", qId: init.qId, tid: libc.sym.gettid() });
