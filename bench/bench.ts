@@ -11,7 +11,8 @@
  *     after the take, each a write to a never-copied chunk (a fresh snapshot
  *     per run; the 4k ones replay a random permutation of chunk-aligned
  *     offsets, the 1M ones are one sequential pass), and REWRITES of copied
- *     chunks; ours (tracked device + blksnap snapshot, storage a tmpfile) against
+ *     chunks; ours (tracked device + blksnap snapshot, storage a loop device like
+ *     dm-snapshot's COW, or with BLKSNAP_BENCH_STORAGE=tmpfile a file on tmpfs) against
  *     our tracked device without a snapshot, dm-snapshot (snapshot-origin +
  *     snapshot, transient store, COW on a third loop device) against dm-linear.
  *  C. snapshot reads with about half the chunks in the difference storage: our
@@ -32,7 +33,9 @@
  * BLKSNAP_BENCH_ONLY_A (a regular expression: the part A workloads to run),
  * BLKSNAP_BENCH_VARIANT (NAME=VALUE,...: a second tracked device in part A
  * whose daemon gets these variables, reported as variant/tracked),
- * BLKSNAP_DAEMON_ARGS (passed to the daemon the CLI starts).
+ * BLKSNAP_BENCH_STORAGE (loop, the default: a loop device over a sparse tmpfs
+ * file, as dm-snapshot's COW device; tmpfile: an unnamed file in a tmpfs
+ * directory, whose buffered reads io_uring hands to io-wq), BLKSNAP_DAEMON_ARGS (passed to the daemon the CLI starts).
  */
 const ROOT = new URL("../", import.meta.url).pathname;
 const RUNTIME_S = Number(Deno.env.get("BLKSNAP_BENCH_RUNTIME") ?? "6");
@@ -78,6 +81,11 @@ const FIRST_1M_B = [128 << 20, 480 << 20] as const;
 const REWRITE_BYTES = 128 << 20;
 const WORK = "/tmp/bench";
 const DIFF_DIR = `${WORK}/diff`;
+/** Our difference storage: "tmpfile" (a directory on tmpfs) or "loop" (a block device). */
+const STORAGE = Deno.env.get("BLKSNAP_BENCH_STORAGE") ?? "loop";
+if (STORAGE !== "tmpfile" && STORAGE !== "loop") {
+  throw new Error(`BLKSNAP_BENCH_STORAGE must be tmpfile or loop, not ${STORAGE}`);
+}
 const SOCKET = "/run/blksnap-bench.sock";
 const DAEMON_LOG = "/run/daemon.log";
 const UBLK_REF = "/usr/local/bin/ublk-ref";
@@ -512,7 +520,7 @@ interface SnapshotStatusJson {
   >;
 }
 
-function oursStack(loop: string, tracked: string): SnapStack {
+function oursStack(loop: string, tracked: string, storage: string): SnapStack {
   let id: string | undefined;
   let image: string | undefined;
   return {
@@ -530,7 +538,7 @@ function oursStack(loop: string, tracked: string): SnapStack {
         "--device",
         loop,
         "--file",
-        DIFF_DIR,
+        storage,
         "--limit",
         "2G",
       );
@@ -878,6 +886,7 @@ async function main(): Promise<number> {
   const loop = await makeLoop("disk", false);
   const twin = await makeLoop("twin", false);
   const cow = await makeLoop("cow", true);
+  const storageLoop = STORAGE === "loop" ? await makeLoop("storage", true) : undefined;
   // Fill the devices so reads hit real pages, not tmpfs holes.
   for (const d of [loop.dev, twin.dev]) await fill(d);
   const sectors = SIZE / 512;
@@ -892,7 +901,9 @@ async function main(): Promise<number> {
   let ref: UblkRef | undefined;
   const tracked = await blksnap("attach", "--device", loop.dev);
   console.log(
-    `stacks: raw ${loop.dev}, tracked ${tracked} over it; dm-linear ${dmLinear}, dm-snapshot origin ${dmOrigin} over ${twin.dev}; COW ${cow.dev}`,
+    `stacks: raw ${loop.dev}, tracked ${tracked} over it; dm-linear ${dmLinear}, dm-snapshot origin ${dmOrigin} over ${twin.dev}; COW ${cow.dev}; our storage ${
+      storageLoop?.dev ?? `a tmpfile in ${DIFF_DIR}`
+    }`,
   );
   try {
     // Warm up: the queue workers' JIT and the page cache, outside the measurements.
@@ -978,7 +989,7 @@ async function main(): Promise<number> {
 
     // ---- B and C
     if (PARTS.includes("B") || PARTS.includes("C")) {
-      const ours = oursStack(loop.dev, tracked);
+      const ours = oursStack(loop.dev, tracked, storageLoop?.dev ?? DIFF_DIR);
       const dm = dmStack(twin.dev, cow, dmLinear, dmOrigin);
       const b: SnapSamples = {};
       const c: SnapSamples = {};
@@ -1026,7 +1037,9 @@ async function main(): Promise<number> {
       await run("dmsetup", ["remove", n]).catch(() => {});
     }
     await sleep(1000);
-    for (const d of [loop.dev, twin.dev, cow.dev]) await run("losetup", ["-d", d]).catch(() => {});
+    for (const d of [loop.dev, twin.dev, cow.dev, ...(storageLoop ? [storageLoop.dev] : [])]) {
+      await run("losetup", ["-d", d]).catch(() => {});
+    }
   }
 
   const header =
@@ -1079,6 +1092,7 @@ async function main(): Promise<number> {
     daemonArgs: Deno.env.get("BLKSNAP_DAEMON_ARGS") ?? "",
     deviceMiB: SIZE_MIB,
     chunkKiB: CHUNK >> 10,
+    storage: STORAGE,
     minutes: Number(minutes.toFixed(2)),
     ublkRef: refNote ? refNote.replace(/^; /, "") : "built in",
     passthrough: linesA,
