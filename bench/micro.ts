@@ -82,14 +82,11 @@ const q = {
 
 function trackedTarget(profile: string, p = pipe): TrackedTarget {
   Deno.env.set("BLKSNAP_PROFILE_WRITE_PATH", profile);
-  return new TrackedTarget(depth, {
-    ctl: p.shared.ctl,
-    cbt: p.shared.cbt,
-    chunks: p.shared.chunks,
-    pool: p.shared.pool,
-    storeRing: p.shared.trackedRings[0]!,
-    sizeBytes: size,
-  }, new Waker(libc));
+  return new TrackedTarget(
+    depth,
+    { ...p.shared, storeRing: p.shared.trackedRings[0]! },
+    new Waker(libc),
+  );
 }
 const tracked = trackedTarget("");
 const nogate = trackedTarget("nogate");
@@ -140,14 +137,11 @@ for (let n = 1; n < imagePipe.geometry.chunkCount; n += 2) {
   imagePipe.chunks.storing(n, n * 512);
   imagePipe.chunks.stored(n);
 }
-const image = new ImageTarget(depth, {
-  ctl: imagePipe.shared.ctl,
-  cbt: imagePipe.shared.cbt,
-  chunks: imagePipe.shared.chunks,
-  pool: imagePipe.shared.pool,
-  storeRing: imagePipe.shared.imageRings[0]!,
-  sizeBytes: size,
-}, new Waker(libc));
+const image = new ImageTarget(
+  depth,
+  { ...imagePipe.shared, storeRing: imagePipe.shared.imageRings[0]! },
+  new Waker(libc),
+);
 for (let r = 0; r < 15; r++) {
   run("pass read", UBLK_IO_OP.READ, pass, 500_000);
   run("tracked read", UBLK_IO_OP.READ, tracked, 500_000);
