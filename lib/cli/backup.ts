@@ -169,9 +169,9 @@ tracker's generation changed (reset, or wrapped past 255 snapshots) and the
 manifest says why. Otherwise only the tracking blocks whose change number is
 newer than the last point's are read from the snapshot image, and the point's
 qcow2 files have the previous point's as backing files. Clusters of zeroes are
-not stored. The snapshot is destroyed at the end, also on failure; a run that
-was killed leaves its snapshot's id in DIR/.snapshot and the next run destroys
-it. A progress bar shows when stdout is a terminal.
+not stored. The snapshot is destroyed at the end, also on failure; it is tied
+to this run's connection to the daemon, which destroys it when a killed run's
+connection closes. A progress bar shows when stdout is a terminal.
 
 Exit status:
   0  a point was written
@@ -331,7 +331,11 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
     storage: a.storage,
     limitBytes: a.limitBytes,
     clientPid: Deno.pid,
+    // Tied to this connection: however this run ends (killed before .snapshot
+    // is written, too), the daemon destroys the snapshot when it closes.
+    session: true,
   });
+  await injectedPause("BLKSNAP_FAULT_BACKUP_AFTER_CREATE_MS");
   const abort = new AbortController();
   const onSignal = () =>
     abort.abort(new CommandError("EINTR", "Interrupted: no point was written"));
@@ -452,6 +456,16 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
     }));
   }
   return EXIT.OK;
+}
+
+/**
+ * Fault injection for the VM tests: the run waits this long right after
+ * snapshot_create, before it records the snapshot in DIR/.snapshot, so that
+ * a test can kill it in that window (unset or 0: no wait).
+ */
+async function injectedPause(name: string): Promise<void> {
+  const ms = Number(Deno.env.get(name) ?? "0");
+  if (Number.isSafeInteger(ms) && ms > 0) await new Promise((r) => setTimeout(r, ms));
 }
 
 function readLeftoverSnapshot(dir: string): string | null {

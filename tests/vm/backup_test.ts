@@ -7,7 +7,9 @@
  * and file checksums. Then: an incremental after 1% of the device changed
  * reads at most 2% of it; a backup while a writer is busy restores to a
  * clean filesystem; a backup killed mid-copy leaves a snapshot that the next
- * run destroys, and that run's point is correct; --keep; bad input (the
+ * run finds gone (its snapshot went with its connection to the daemon), and
+ * that run's point is correct; one killed between snapshot_create and
+ * recording the snapshot leaves no snapshot and no image device; --keep; bad input (the
  * directory on the device being backed up, restore onto the tracked original
  * or a mounted device, a corrupted point). Runs inside the VM.
  */
@@ -27,11 +29,21 @@ import {
   sha256,
   sleep,
   stopwatch,
+  ublkNodes,
   vmTest,
   withDaemonLog,
 } from "./_helpers.ts";
 
 const MiB = 1024 * 1024;
+
+function existsSync(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
 const SIZE_MIB = 128;
 
 interface Summary {
@@ -341,6 +353,41 @@ vmTest(
         }
         lap("SIGTERM mid-copy");
 
+        // SIGKILL between snapshot_create and writing .snapshot (the run waits there, by
+        // fault injection): the daemon destroys the snapshot when the connection closes.
+        const trackedNodes = ublkNodes();
+        const noSnapshotLeft = async (what: string) => {
+          let ids = "";
+          for (let i = 0; i < 200; i++) {
+            ids = await cli.ok("snapshot_collect");
+            if (ids === "" && ublkNodes().length === trackedNodes.length) break;
+            await sleep(50);
+          }
+          assertEquals(ids, "", `${what}: a snapshot is left`);
+          assertEquals(ublkNodes(), trackedNodes, `${what}: an image device is left`);
+          const status = JSON.parse(await cli.ok("status", "--json"));
+          assertEquals(status.snapshots ?? [], [], `${what}: status shows a snapshot`);
+        };
+        {
+          const child = new Deno.Command(Deno.execPath(), {
+            args: ["run", "-A", "--quiet", MAIN, "backup", "-d", orig.path, "--to", dir],
+            env: { BLKSNAP_SOCKET: cli.socket, BLKSNAP_FAULT_BACKUP_AFTER_CREATE_MS: "20000" },
+            stdout: "null",
+            stderr: "null",
+          }).spawn();
+          let created = false;
+          for (let i = 0; i < 600 && !created; i++) {
+            created = (await cli.ok("snapshot_collect")) !== "";
+            if (!created) await sleep(50);
+          }
+          child.kill("SIGKILL");
+          await child.status;
+          assert(created, "the backup created no snapshot in 30 s");
+          assert(!existsSync(`${dir}/.snapshot`), "killed before it wrote .snapshot");
+          await noSnapshotLeft("killed after snapshot_create");
+        }
+        lap("SIGKILL after snapshot_create");
+
         // Killed mid-copy (a full copy, to be slow enough): the snapshot is left; the next
         // run destroys it and writes a correct point.
         await umount();
@@ -362,7 +409,10 @@ vmTest(
         }
         const st = await child.status;
         assert(killedMidCopy, `the backup ended (${st.code}) before it could be killed`);
-        assertEquals((await cli.ok("snapshot_collect")).split("\n").filter((l) => l).length, 1);
+        // Its snapshot went with its connection: no snapshot, no image device; the
+        // .snapshot it wrote names a snapshot the next run finds gone.
+        await noSnapshotLeft("killed mid-copy");
+        assert(Deno.statSync(`${dir}/.snapshot`).isFile, "the killed run's .snapshot is there");
         const p6 = await backup();
         assertEquals(await cli.ok("snapshot_collect"), "", "no snapshot left");
         assert(![...Deno.readDirSync(dir)].some((e) => e.name.startsWith(".tmp.")));
