@@ -539,11 +539,13 @@ summary. Needs no daemon.`,
     const { dir, id } = pointArg(values, this);
     const to = resolve(requireString(values, "to", this));
     const key = typeof values.device === "string" ? values.device : undefined;
-    const result = await cliErrors(() => {
+    const result = await cliErrors(async () => {
       const device = pickDevice(readManifest(dir, id), key);
       const target = openTarget(to, device.sizeBytes);
       try {
-        return restorePoint(dir, id, device.key, target, { verify: values["no-verify"] !== true });
+        return await restorePoint(dir, id, device.key, target, {
+          verify: values["no-verify"] !== true,
+        });
       } finally {
         target.close();
       }

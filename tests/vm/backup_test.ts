@@ -11,7 +11,9 @@
  * that run's point is correct; one killed between snapshot_create and
  * recording the snapshot leaves no snapshot and no image device; --keep; bad input (the
  * directory on the device being backed up, restore onto the tracked original
- * or a mounted device, a corrupted point). Runs inside the VM.
+ * or a mounted device, a corrupted point); a restore over a device full of
+ * random data reads back exactly (its zero clusters cleared, not written).
+ * Runs inside the VM.
  */
 import {
   deepStrictEqual as assertEquals,
@@ -203,6 +205,54 @@ vmTest(
         await restoreAndCheck(cli, `${dir}/${p2.point}.json`, sums2, "point 2");
         await restoreAndCheck(cli, `${dir}/${p3.point}.json`, sums3, "point 3");
         lap("three restores");
+
+        // A restore over a device full of random data: its zero clusters are cleared (fallocate
+        // ZERO_RANGE, not written) and must read as zeroes: the device equals qemu-img's raw
+        // conversion of the point, read back with the page cache dropped.
+        {
+          const loop = await Loop.create(SIZE_MIB);
+          const raw = "/tmp/restore-over-noise.raw";
+          try {
+            await sh(
+              "dd",
+              "if=/dev/urandom",
+              `of=${loop.path}`,
+              "bs=1M",
+              `count=${SIZE_MIB}`,
+              "oflag=direct",
+              "status=none",
+            );
+            const t0 = performance.now();
+            const r = await cli.json<{ bytesWritten: number; bytesZeroed: number }>(
+              "restore",
+              "--from",
+              `${dir}/${p3.point}.json`,
+              "--to",
+              loop.path,
+            );
+            const secs = (performance.now() - t0) / 1000;
+            console.log(
+              `restore over random data: ${r.bytesWritten} bytes written, ${r.bytesZeroed} ` +
+                `cleared, ${secs.toFixed(1)} s`,
+            );
+            assertEquals(r.bytesWritten + r.bytesZeroed, SIZE_MIB * MiB);
+            assert(r.bytesZeroed >= SIZE_MIB * MiB / 4, `only ${r.bytesZeroed} bytes cleared`);
+            await sh("qemu-img", "convert", "-O", "raw", `${dir}/${p3.devices[0]!.file}`, raw);
+            await sh("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches");
+            const cmp = await run("cmp", [loop.path, raw]);
+            assertEquals(
+              cmp.code,
+              0,
+              `restore over random data differs\n${cmp.stdout}${cmp.stderr}`,
+            );
+            const fsck = await run("e2fsck", ["-fn", loop.path]);
+            assertEquals(fsck.code, 0, `restore over random data: e2fsck\n${fsck.stdout}`);
+          } finally {
+            await loop.destroy();
+            await Deno.remove(raw).catch(() => {});
+          }
+        }
+        lap("restore over random data");
 
         // qemu-nbd serves an incremental point (through its chain): a clean filesystem.
         await sh("modprobe", "nbd", "nbds_max=2");
