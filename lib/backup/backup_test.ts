@@ -111,8 +111,9 @@ class FakeDevice {
   }
 }
 
+/** Writes a point; through the pool of copy workers however small, unless told otherwise. */
 async function mustWrite(dir: string, options: WritePointOptions): Promise<Manifest> {
-  const m = await writePoint(dir, options);
+  const m = await writePoint(dir, { poolMinBytes: 0, ...options });
   assert(m !== null, "a point was written");
   return m;
 }
@@ -603,7 +604,12 @@ Deno.test("backup: nothing changed: skipUnchanged writes no point; a failing bef
     const ac = new AbortController();
     ac.abort(new Error("killed"));
     await rejects(
-      writePoint(dir, { devices: [t2.source], snapshotId: null, signal: ac.signal }),
+      writePoint(dir, {
+        devices: [t2.source],
+        snapshotId: null,
+        signal: ac.signal,
+        poolMinBytes: 0,
+      }),
       /killed/,
     );
     assertEquals(listPoints(dir).map((l) => l.id), ids);
@@ -697,6 +703,46 @@ Deno.test("backup: restore clears zero clusters without writing them: holes in a
   }
 });
 
+Deno.test("backup: the copy workers and the main thread write the same qcow2 bytes and extents", async () => {
+  const root = tmpDir();
+  try {
+    const size = 13 * MiB + 3 * 512;
+    const dev = new FakeDevice(`${root}/disk.img`, size, 41);
+    dev.change(0, 5 * MiB);
+    dev.change(6 * MiB, 64 * KiB, true);
+    dev.change(9 * MiB + 4096, 3 * MiB);
+    // compressible clusters too
+    const text = new TextEncoder().encode("blksnap ".repeat(8192));
+    const f = Deno.openSync(dev.path, { write: true });
+    f.seekSync(2 * MiB, Deno.SeekMode.Start);
+    f.writeSync(text);
+    f.close();
+    const { source } = dev.take();
+    for (const compress of [false, true]) {
+      const files: Uint8Array[] = [];
+      const extents: unknown[] = [];
+      for (const poolMinBytes of [0, Infinity]) {
+        const dir = `${root}/b-${compress}-${poolMinBytes}`;
+        Deno.mkdirSync(dir);
+        const m = await mustWrite(dir, {
+          devices: [source],
+          snapshotId: null,
+          time: new Date(Date.UTC(2026, 0, 1)),
+          compress,
+          poolMinBytes,
+        });
+        files.push(Deno.readFileSync(`${dir}/${m.devices[0]!.file}`));
+        extents.push(m.devices[0]!.extents);
+        assert(verifyPoint(dir, m.id).ok);
+      }
+      assertEquals(files[0], files[1], `compress ${compress}: the same file`);
+      assertEquals(extents[0], extents[1], `compress ${compress}: the same extents`);
+    }
+  } finally {
+    Deno.removeSync(root, { recursive: true });
+  }
+});
+
 Deno.test("backup: a failure while the next piece is being read: the read ends first, no crash", async () => {
   const root = tmpDir();
   try {
@@ -709,6 +755,7 @@ Deno.test("backup: a failure while the next piece is being read: the read ends f
       writePoint(dir, {
         devices: [source],
         snapshotId: null,
+        poolMinBytes: 0, // pieces in flight in the workers
         onProgress: () => {
           throw new Error("the target filesystem is full");
         },

@@ -28,7 +28,7 @@ import {
   SNAPSHOT_FILE,
   writeFileAtomic,
 } from "../backup/manifest.ts";
-import { type DeviceSource, writePoint } from "../backup/point.ts";
+import { CopyPool, type DeviceSource, writePoint } from "../backup/point.ts";
 import {
   deviceChain,
   pickDevice,
@@ -326,15 +326,24 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
   const cleaned = await cliErrors(() => cleanLeftovers(dir));
   if (cleaned.length > 0) say(`removed ${cleaned.length} file(s) of an interrupted run`);
 
-  const { id: snapshotId } = await ctx.call(client, "snapshot_create", {
-    devices: tracked.map((t) => t.original),
-    storage: a.storage,
-    limitBytes: a.limitBytes,
-    clientPid: Deno.pid,
-    // Tied to this connection: however this run ends (killed before .snapshot
-    // is written, too), the daemon destroys the snapshot when it closes.
-    session: true,
-  });
+  // A full copy's workers start now, while the snapshot is made (seconds under TCG); an
+  // incremental starts them in writePoint only when it copies enough to need them.
+  const pool = a.full || listPoints(dir).length === 0 ? new CopyPool() : undefined;
+  let snapshotId: string;
+  try {
+    ({ id: snapshotId } = await ctx.call(client, "snapshot_create", {
+      devices: tracked.map((t) => t.original),
+      storage: a.storage,
+      limitBytes: a.limitBytes,
+      clientPid: Deno.pid,
+      // Tied to this connection: however this run ends (killed before .snapshot
+      // is written, too), the daemon destroys the snapshot when it closes.
+      session: true,
+    }));
+  } catch (err) {
+    pool?.close();
+    throw err;
+  }
   await injectedPause("BLKSNAP_FAULT_BACKUP_AFTER_CREATE_MS");
   const abort = new AbortController();
   const onSignal = () =>
@@ -388,6 +397,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
           compress: a.compress,
           ...(a.full ? { forceFull: "asked for (--full)" } : {}),
           skipUnchanged: true,
+          ...(pool !== undefined ? { pool } : {}),
           signal: abort.signal,
           onProgress: bar,
           beforeCommit: async () => {
@@ -402,6 +412,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
     }
     copySeconds = (performance.now() - t0) / 1000;
   } finally {
+    pool?.close();
     bar.end();
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
     try {
