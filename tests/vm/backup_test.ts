@@ -99,6 +99,72 @@ async function restoreAndCheck(
   }
 }
 
+/**
+ * Runs `args` with stdout on a pseudo-terminal (posix_openpt through FFI: the
+ * VM has no script(1)) and returns what it printed there and its exit status.
+ */
+async function runOnTty(args: string[], env: Record<string, string>) {
+  const libc = Deno.dlopen(
+    "libc.so.6",
+    {
+      posix_openpt: { parameters: ["i32"], result: "i32" },
+      grantpt: { parameters: ["i32"], result: "i32" },
+      unlockpt: { parameters: ["i32"], result: "i32" },
+      ptsname_r: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+      read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+      close: { parameters: ["i32"], result: "i32" },
+    } as const,
+  );
+  const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
+  const master = libc.symbols.posix_openpt(O_RDWR | O_NOCTTY | O_NONBLOCK);
+  assert(master >= 0, "posix_openpt failed");
+  try {
+    assertEquals(libc.symbols.grantpt(master), 0);
+    assertEquals(libc.symbols.unlockpt(master), 0);
+    const name = new Uint8Array(64);
+    assertEquals(libc.symbols.ptsname_r(master, name, BigInt(name.length)), 0);
+    const slave = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
+    const child = new Deno.Command("sh", {
+      args: ["-c", `exec "$@" >${slave}`, "sh", ...args],
+      env,
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const chunks: Uint8Array[] = [];
+    const buf = new Uint8Array(65536);
+    let done = false;
+    const status = child.output().then((o) => {
+      done = true;
+      return o;
+    });
+    const drain = () => {
+      for (;;) {
+        const n = Number(libc.symbols.read(master, buf, BigInt(buf.length)));
+        if (n <= 0) return;
+        chunks.push(buf.slice(0, n));
+      }
+    };
+    while (!done) {
+      drain();
+      await sleep(50);
+    }
+    drain();
+    const out = await status;
+    const text = new TextDecoder().decode(
+      chunks.reduce((a, c) => {
+        const m = new Uint8Array(a.length + c.length);
+        m.set(a);
+        m.set(c, a.length);
+        return m;
+      }, new Uint8Array(0)),
+    );
+    return { code: out.code, tty: text, stderr: new TextDecoder().decode(out.stderr) };
+  } finally {
+    libc.symbols.close(master);
+    libc.close();
+  }
+}
+
 vmTest(
   "backup: ext4 on a tracked device: full and incremental points restore, qemu-img agrees, 1% changed reads under 2%",
   async () => {
@@ -541,6 +607,41 @@ vmTest(
           );
         }
         lap("throughput");
+
+        // The progress bar, with stdout a terminal: percent, amounts, rate and time left.
+        {
+          const r = await runOnTty(
+            [
+              Deno.execPath(),
+              "run",
+              "-A",
+              "--quiet",
+              MAIN,
+              "backup",
+              "-d",
+              orig.path,
+              "--to",
+              dir,
+              "--full",
+            ],
+            { BLKSNAP_SOCKET: cli.socket, PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin" },
+          );
+          assertEquals(r.code, 0, `backup on a tty: exit ${r.code}\n${r.stderr}`);
+          const lines = r.tty.split("\r").map((l) => l.replaceAll("\x1b[K", "").trim()).filter((
+            l,
+          ) => l !== "");
+          const bar =
+            /^\[[#.]{20}\] +\d{1,3}% \d+\.\d (MiB|GiB) of \d+\.\d (MiB|GiB), \d+\.\d (MiB|GiB)\/s, \d+ s left$/;
+          assert(
+            lines.length >= 2,
+            `the bar was drawn ${lines.length} time(s): ${JSON.stringify(r.tty)}`,
+          );
+          for (const l of lines) assertMatch(l, bar);
+          assertMatch(lines.at(-1)!, /\] 100% /);
+          assert(r.tty.endsWith("\n"), "the bar ends with a newline");
+          console.log(`progress bar: ${lines.length} updates, last: ${lines.at(-1)}`);
+        }
+        lap("progress bar");
 
         // A full target filesystem: a clear error, no point and no temporary file left, the
         // snapshot destroyed.
