@@ -305,7 +305,11 @@ export async function copyRanges(
       if (kind === KIND_ZERO) {
         writer.zeroCluster(first + k);
       } else if (kind === KIND_DATA) {
-        writer.storeData(first + k, data.subarray(k * cb, Math.min(length, (k + 1) * cb)));
+        // A run of data clusters: one write.
+        let j = k + 1;
+        while (j < r.kinds.length && r.kinds[j] === KIND_DATA) j++;
+        writer.storeData(first + k, data.subarray(k * cb, Math.min(length, j * cb)));
+        k = j - 1;
       } else {
         const n = r.packedLengths[k]!;
         writer.storeCompressed(first + k, packed.subarray(packedAt, packedAt + n));

@@ -203,27 +203,37 @@ export class Qcow2Writer {
   }
 
   /**
-   * Stores virtual cluster `index` as it is: `data` (clusterBytes, or less
-   * for the last cluster) is known not to be all zeroes, and not to be worth
-   * compressing (compressCluster() said so). The copy workers decide that
-   * off this thread; writeCluster() decides it here.
+   * Stores virtual clusters `index`, `index + 1`... as they are, in one
+   * write: `data` holds whole clusters (the disk's last may be short), each
+   * known not to be all zeroes and not worth compressing (compressCluster()
+   * said so). The copy workers decide that off this thread; writeCluster()
+   * decides it here. The layout is the same as one call per cluster.
    */
   storeData(index: number, data: Uint8Array): void {
-    const { table, at } = this.#entry(index, data.length);
+    const cb = this.clusterBytes;
+    const count = Math.max(1, Math.ceil(data.length / cb));
+    const slots: Array<{ table: Uint32Array; at: number }> = [];
+    for (let k = 0; k < count; k++) {
+      slots.push(this.#entry(index + k, Math.min(cb, data.length - k * cb)));
+    }
     let payload = data;
-    if (data.length < this.clusterBytes) {
-      payload = new Uint8Array(this.clusterBytes);
+    if (data.length < count * cb) {
+      payload = new Uint8Array(count * cb);
       payload.set(data);
     }
-    this.#end = Math.ceil(this.#end / this.clusterBytes) * this.clusterBytes;
+    this.#end = Math.ceil(this.#end / cb) * cb;
     const offset = this.#end;
     writeAll(this.#file, offset, payload);
-    this.#end += this.clusterBytes;
-    this.#ref(offset / this.clusterBytes, 1);
-    table[at] = (FLAG_COPIED | Math.floor(offset / TWO_32)) >>> 0;
-    table[at + 1] = offset >>> 0;
-    this.stats.data++;
-    this.stats.storedBytes += this.clusterBytes;
+    this.#end += count * cb;
+    for (let k = 0; k < count; k++) {
+      const { table, at } = slots[k]!;
+      const host = offset + k * cb;
+      this.#ref(host / cb, 1);
+      table[at] = (FLAG_COPIED | Math.floor(host / TWO_32)) >>> 0;
+      table[at + 1] = host >>> 0;
+    }
+    this.stats.data += count;
+    this.stats.storedBytes += count * cb;
   }
 
   /**
