@@ -29,7 +29,8 @@
  * the benchmark goes on; the exit status is then 1.
  *
  * Environment: BLKSNAP_BENCH_RUNTIME (seconds per fio run, default 6),
- * BLKSNAP_BENCH_REPEATS (default 3), BLKSNAP_BENCH_PARTS (default "ABC"),
+ * BLKSNAP_BENCH_REPEATS (default 3), BLKSNAP_BENCH_PARTS (default "ABCD"; D:
+ * backups, bench/backup_bench.ts),
  * BLKSNAP_BENCH_ONLY_A (a regular expression: the part A workloads to run),
  * BLKSNAP_BENCH_VARIANT (NAME=VALUE,...: a second tracked device in part A
  * whose daemon gets these variables, reported as variant/tracked),
@@ -37,11 +38,13 @@
  * file, as dm-snapshot's COW device; tmpfile: an unnamed file in a tmpfs
  * directory, whose buffered reads io_uring hands to io-wq), BLKSNAP_DAEMON_ARGS (passed to the daemon the CLI starts).
  */
+import { partD, type PartDResult, tableD } from "./backup_bench.ts";
+
 const ROOT = new URL("../", import.meta.url).pathname;
 const RUNTIME_S = Number(Deno.env.get("BLKSNAP_BENCH_RUNTIME") ?? "6");
 /** Stacks alternate this many times per line; medians are reported. */
 const REPEATS = Number(Deno.env.get("BLKSNAP_BENCH_REPEATS") ?? "3");
-const PARTS = (Deno.env.get("BLKSNAP_BENCH_PARTS") ?? "ABC").toUpperCase();
+const PARTS = (Deno.env.get("BLKSNAP_BENCH_PARTS") ?? "ABCD").toUpperCase();
 /** Part A runs only the workloads whose names match (e.g. "4k"; default: all). */
 const ONLY_A = new RegExp(Deno.env.get("BLKSNAP_BENCH_ONLY_A") ?? "");
 /**
@@ -899,6 +902,7 @@ async function main(): Promise<number> {
   const notes: string[] = [];
   let refNote = "";
   let ref: UblkRef | undefined;
+  let backupD: PartDResult | undefined;
   const tracked = await blksnap("attach", "--device", loop.dev);
   console.log(
     `stacks: raw ${loop.dev}, tracked ${tracked} over it; dm-linear ${dmLinear}, dm-snapshot origin ${dmOrigin} over ${twin.dev}; COW ${cow.dev}; our storage ${
@@ -1024,6 +1028,12 @@ async function main(): Promise<number> {
       >;
       for (const w of C_LINES) linesC.push(line(w, c[w] ?? {}, ratiosC));
     }
+    // ---- D (bench/backup_bench.ts)
+    if (PARTS.includes("D")) {
+      backupD = await partD({ blksnap, run, work: WORK }).catch((e) =>
+        fail("D backup", e, true).then(() => undefined)
+      );
+    }
   } finally {
     if (ref) await ref.stop().catch((e) => fail("stopping ublk-ref", e, false));
     await blksnap("detach", "--device", loop.dev).catch((e) => fail("detach", e, true));
@@ -1066,6 +1076,7 @@ async function main(): Promise<number> {
   }
   if (linesB.length) console.log(tableB(linesB) + "\n");
   if (linesC.length) console.log(tableC(linesC) + "\n");
+  if (backupD) console.log(tableD(backupD) + "\n");
   if (notes.length) console.log(`notes:\n${notes.map((n) => `  ${n}`).join("\n")}\n`);
   // The kernel's messages since the benchmark started.
   const kernelWarnings = (await run("dmesg", [], { timeoutMs: 10_000 }).catch(() => ""))
@@ -1098,6 +1109,7 @@ async function main(): Promise<number> {
     passthrough: linesA,
     snapshotWrites: linesB,
     snapshotReads: linesC,
+    backup: backupD ?? null,
     notes,
     kernelMessages: kernelWarnings,
     failures,

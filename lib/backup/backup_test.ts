@@ -12,7 +12,7 @@ import {
   writeManifest,
 } from "./manifest.ts";
 import { type DeviceSource, writePoint, type WritePointOptions } from "./point.ts";
-import { prune, restoreToFile, verifyPoint } from "./chain.ts";
+import { prune, restorePoint, restoreToFile, verifyPoint } from "./chain.ts";
 import { Qcow2Image } from "./qcow2.ts";
 import { mountsByDevice, openTarget } from "./target.ts";
 
@@ -111,8 +111,9 @@ class FakeDevice {
   }
 }
 
+/** Writes a point; through the pool of copy workers however small, unless told otherwise. */
 async function mustWrite(dir: string, options: WritePointOptions): Promise<Manifest> {
-  const m = await writePoint(dir, options);
+  const m = await writePoint(dir, { poolMinBytes: 0, ...options });
   assert(m !== null, "a point was written");
   return m;
 }
@@ -136,10 +137,10 @@ function qemuImg(...args: string[]): { code: number; out: string } {
   return { code: r.code, out: dec.decode(r.stdout) + dec.decode(r.stderr) };
 }
 
-function restored(dir: string, id: string, key?: string): Uint8Array {
+async function restored(dir: string, id: string, key?: string): Promise<Uint8Array> {
   const out = `${dir}/../restore-${id}-${(key ?? "x").replace(/\W/g, "_")}.raw`;
   try {
-    restoreToFile(dir, id, key, out);
+    await restoreToFile(dir, id, key, out);
     return Deno.readFileSync(out);
   } finally {
     try {
@@ -254,7 +255,7 @@ Deno.test("backup: a full point and two incrementals restore exactly what each s
     assertEquals(inc1.devices[0]!.bytesRead, CLUSTER + CLUSTER + 2 * CLUSTER);
     assertEquals(inc2.devices[0]!.bytesRead, CLUSTER + 3 * 512);
     for (let i = 0; i < 3; i++) {
-      assertEquals(restored(dir, ids[i]!), images[i], `point ${i}`);
+      assertEquals(await restored(dir, ids[i]!), images[i], `point ${i}`);
       const v = verifyPoint(dir, ids[i]!);
       assert(v.ok, JSON.stringify(v.problem));
       assertEquals(v.points, ids.slice(0, i + 1).reverse());
@@ -272,7 +273,7 @@ Deno.test("backup: compressed points restore exactly too", async () => {
   try {
     const { dir, ids, images, manifests } = await threePoints(root, 12, true);
     assert(manifests.every((m) => m.devices[0]!.compressed));
-    for (let i = 0; i < 3; i++) assertEquals(restored(dir, ids[i]!), images[i], `point ${i}`);
+    for (let i = 0; i < 3; i++) assertEquals(await restored(dir, ids[i]!), images[i], `point ${i}`);
   } finally {
     Deno.removeSync(root, { recursive: true });
   }
@@ -332,7 +333,10 @@ Deno.test("backup: a flipped byte in a stored cluster: verify names the extent, 
     // the full point below is still good
     assert(verifyPoint(dir, ids[0]!).ok);
     const out = `${root}/out.raw`;
-    throws(() => restoreToFile(dir, ids[2]!, undefined, out), /is damaged, nothing was restored/);
+    await rejects(
+      () => restoreToFile(dir, ids[2]!, undefined, out),
+      /is damaged, nothing was restored/,
+    );
     throws(() => Deno.statSync(out), /No such file/);
     assertEquals([...Deno.readDirSync(root)].filter((e) => e.name.includes("restore")), []);
   } finally {
@@ -351,13 +355,13 @@ Deno.test("backup: a broken chain: verify and restore say which file is missing;
       /Broken chain: point .* its file .* is missing/.test(v.problem!.message),
       v.problem!.message,
     );
-    throws(() => restoreToFile(dir, ids[1]!, undefined, `${root}/x`), /Broken chain/);
+    await rejects(() => restoreToFile(dir, ids[1]!, undefined, `${root}/x`), /Broken chain/);
     dev.change(0, 512);
     const { source, image } = dev.take();
     const m = await mustWrite(dir, { devices: [source], snapshotId: null });
     assertEquals(m.kind, "full");
     assert(/previous point cannot be used: Broken chain/.test(m.reason), m.reason);
-    assertEquals(restored(dir, m.id), image);
+    assertEquals(await restored(dir, m.id), image);
     // a missing manifest in the middle
     Deno.removeSync(`${dir}/${manifestName(ids[1]!)}`);
     assert(
@@ -374,22 +378,31 @@ Deno.test("backup: restore refuses a target that is smaller, and leaves it untou
     const { dir, ids } = await threePoints(root, 16);
     const small = `${root}/small.img`;
     Deno.writeFileSync(small, new Uint8Array(8 * MiB).fill(7));
-    throws(() => restoreToFile(dir, ids[0]!, undefined, small), /has 8388608 bytes, less than/);
+    await rejects(
+      () => restoreToFile(dir, ids[0]!, undefined, small),
+      /has 8388608 bytes, less than/,
+    );
     assert(Deno.readFileSync(small).every((b) => b === 7));
     // a larger existing file is written like a device: the point's bytes, the rest kept
     const big = `${root}/big.img`;
     Deno.writeFileSync(big, new Uint8Array(9 * MiB).fill(7));
-    restoreToFile(dir, ids[2]!, undefined, big);
+    await restoreToFile(dir, ids[2]!, undefined, big);
     const got = Deno.readFileSync(big);
-    assertEquals(got.subarray(0, 8 * MiB + 1536), restored(dir, ids[2]!));
+    assertEquals(got.subarray(0, 8 * MiB + 1536), await restored(dir, ids[2]!));
     assert(got.subarray(8 * MiB + 1536).every((b) => b === 7));
-    throws(() => restoreToFile(dir, ids[0]!, "nosuch", `${root}/y`), /has no device "nosuch"/);
+    await rejects(
+      () => restoreToFile(dir, ids[0]!, "nosuch", `${root}/y`),
+      /has no device "nosuch"/,
+    );
     // onto a file of its own chain: refused, the file untouched
     const base = `${dir}/${readManifest(dir, ids[0]!).devices[0]!.file}`;
     const baseBytes = Deno.readFileSync(base);
-    throws(() => restoreToFile(dir, ids[2]!, undefined, base), /a file of point .* chain/);
+    await rejects(() => restoreToFile(dir, ids[2]!, undefined, base), /a file of point .* chain/);
     assertEquals(Deno.readFileSync(base), baseBytes);
-    throws(() => restoreToFile(dir, "20200101T000000Z", undefined, `${root}/y`), /does not exist/);
+    await rejects(
+      () => restoreToFile(dir, "20200101T000000Z", undefined, `${root}/y`),
+      /does not exist/,
+    );
   } finally {
     Deno.removeSync(root, { recursive: true });
   }
@@ -406,7 +419,7 @@ Deno.test("backup: a generation change makes a full point that says why", async 
     const m = await mustWrite(dir, { devices: [source], snapshotId: null });
     assertEquals(m.kind, "full");
     assert(/generation changed/.test(m.reason), m.reason);
-    assertEquals(restored(dir, m.id), image);
+    assertEquals(await restored(dir, m.id), image);
     // after the wrap take (255), the next take (1) is an incremental of it
     dev.change(2 * MiB, 4096);
     const t2 = dev.take();
@@ -414,7 +427,7 @@ Deno.test("backup: a generation change makes a full point that says why", async 
     const m2 = await mustWrite(dir, { devices: [t2.source], snapshotId: null });
     assertEquals(m2.kind, "incremental");
     assertEquals(m2.devices[0]!.bytesRead, CLUSTER);
-    assertEquals(restored(dir, m2.id), t2.image);
+    assertEquals(await restored(dir, m2.id), t2.image);
     assert(images.length === 3);
   } finally {
     Deno.removeSync(root, { recursive: true });
@@ -432,7 +445,7 @@ Deno.test("backup: prune keeps N points; the oldest kept absorbs what it needs",
     assertEquals([m1.kind, m1.previous, m1.devices[0]!.backing], ["full", null, null]);
     assert(/self-contained/.test(m1.reason));
     for (let i = 1; i < 3; i++) {
-      assertEquals(restored(dir, ids[i]!), images[i], `point ${i}`);
+      assertEquals(await restored(dir, ids[i]!), images[i], `point ${i}`);
       assert(verifyPoint(dir, ids[i]!).ok);
     }
     const files = [...Deno.readDirSync(dir)].map((e) => e.name).sort();
@@ -453,7 +466,7 @@ Deno.test("backup: prune keeps N points; the oldest kept absorbs what it needs",
     }
     assertEquals(prune(dir, 2).removed, []);
     assertEquals(prune(dir, 1).removed, [ids[1]]);
-    assertEquals(restored(dir, ids[2]!), images[2]);
+    assertEquals(await restored(dir, ids[2]!), images[2]);
     throws(() => prune(dir, 0), /at least 1/);
   } finally {
     Deno.removeSync(root, { recursive: true });
@@ -476,14 +489,14 @@ Deno.test("backup: prune interrupted after the absorbed file was renamed: still 
     for (let i = 0; i < 3; i++) {
       const v = verifyPoint(dir, ids[i]!);
       assert(v.ok, JSON.stringify(v.problem));
-      assertEquals(restored(dir, ids[i]!), images[i]);
+      assertEquals(await restored(dir, ids[i]!), images[i]);
     }
     const r = prune(dir, 2);
     assertEquals(r.removed, [ids[0]]);
     assertEquals(readManifest(dir, ids[1]!).kind, "full");
     for (let i = 1; i < 3; i++) {
       assert(verifyPoint(dir, ids[i]!).ok);
-      assertEquals(restored(dir, ids[i]!), images[i]);
+      assertEquals(await restored(dir, ids[i]!), images[i]);
     }
     // A manifest that still names a backing its file no longer has is put right by a prune.
     writeManifest(dir, old1);
@@ -591,7 +604,12 @@ Deno.test("backup: nothing changed: skipUnchanged writes no point; a failing bef
     const ac = new AbortController();
     ac.abort(new Error("killed"));
     await rejects(
-      writePoint(dir, { devices: [t2.source], snapshotId: null, signal: ac.signal }),
+      writePoint(dir, {
+        devices: [t2.source],
+        snapshotId: null,
+        signal: ac.signal,
+        poolMinBytes: 0,
+      }),
       /killed/,
     );
     assertEquals(listPoints(dir).map((l) => l.id), ids);
@@ -599,13 +617,13 @@ Deno.test("backup: nothing changed: skipUnchanged writes no point; a failing bef
     // and the next run still makes a correct incremental of everything since the last point
     const m = await mustWrite(dir, { devices: [t2.source], snapshotId: null });
     assertEquals([m.kind, m.previous], ["incremental", ids[2]]);
-    assertEquals(restored(dir, m.id), t2.image);
+    assertEquals(await restored(dir, m.id), t2.image);
   } finally {
     Deno.removeSync(root, { recursive: true });
   }
 });
 
-Deno.test("backup: restore targets: mounted devices are found in mountinfo by MAJ:MIN", () => {
+Deno.test("backup: restore targets: mounted devices are found in mountinfo by MAJ:MIN", async () => {
   const text = [
     "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
     "36 22 7:0 / /mnt/with\\040space rw - ext4 /dev/loop0 rw",
@@ -622,12 +640,106 @@ Deno.test("backup: restore targets: mounted devices are found in mountinfo by MA
   try {
     const t = openTarget(`${dir}/new.img`, 4096);
     assertEquals([t.fresh, t.sizeBytes], [true, 4096]);
-    t.write(0, new Uint8Array(512).fill(1));
+    await t.write(0, new Uint8Array(512).fill(1));
     t.commit();
     t.close();
     assertEquals(Deno.statSync(`${dir}/new.img`).size, 4096);
   } finally {
     Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("backup: restore clears zero clusters without writing them: holes in a file, over old data too", async () => {
+  const root = tmpDir();
+  try {
+    const { dir, ids, images } = await threePoints(root, 31);
+    const image = images[2]!;
+    const m = readManifest(dir, ids[2]!);
+    const size = m.devices[0]!.sizeBytes;
+    let zeroBytes = 0;
+    for (let at = 0; at < size; at += CLUSTER) {
+      if (image.subarray(at, Math.min(size, at + CLUSTER)).every((b) => b === 0)) {
+        zeroBytes += Math.min(CLUSTER, size - at);
+      }
+    }
+    assert(zeroBytes >= 4 * MiB, `the image has ${zeroBytes} bytes of zero clusters`);
+    const allocated = (path: string) => (Deno.statSync(path).blocks ?? 0) * 512;
+
+    // A new file: zero clusters are holes, never written.
+    const fresh = `${root}/fresh.img`;
+    const t1 = openTarget(fresh, size);
+    let r;
+    try {
+      r = await restorePoint(dir, ids[2]!, undefined, t1);
+    } finally {
+      t1.close();
+    }
+    assertEquals(Deno.readFileSync(fresh), image);
+    assertEquals([r.bytesWritten, r.bytesZeroed], [size - zeroBytes, zeroBytes]);
+    assert(allocated(fresh) <= size - zeroBytes + 64 * KiB, `${allocated(fresh)} bytes allocated`);
+
+    // An existing file full of random data: the zero clusters must read as zeroes afterwards
+    // (punched holes where the filesystem can, zeroes written where it cannot).
+    const old = `${root}/old.img`;
+    const noise = new Uint8Array(size);
+    fill(noise, rng(77));
+    Deno.writeFileSync(old, noise);
+    // openTarget punches holes through libc (FFI); without FFI permission it writes zeroes
+    // in runs instead.
+    const ffi = Deno.permissions.querySync({ name: "ffi" }).state === "granted";
+    const t2 = openTarget(old, size);
+    try {
+      r = await restorePoint(dir, ids[2]!, undefined, t2);
+    } finally {
+      t2.close();
+    }
+    assertEquals(Deno.readFileSync(old), image);
+    assertEquals([r.bytesWritten, r.bytesZeroed], [size - zeroBytes, zeroBytes]);
+    if (ffi) {
+      assert(allocated(old) <= size - zeroBytes + 64 * KiB, `${allocated(old)} bytes allocated`);
+    }
+  } finally {
+    Deno.removeSync(root, { recursive: true });
+  }
+});
+
+Deno.test("backup: the copy workers and the main thread write the same qcow2 bytes and extents", async () => {
+  const root = tmpDir();
+  try {
+    const size = 13 * MiB + 3 * 512;
+    const dev = new FakeDevice(`${root}/disk.img`, size, 41);
+    dev.change(0, 5 * MiB);
+    dev.change(6 * MiB, 64 * KiB, true);
+    dev.change(9 * MiB + 4096, 3 * MiB);
+    // compressible clusters too
+    const text = new TextEncoder().encode("blksnap ".repeat(8192));
+    const f = Deno.openSync(dev.path, { write: true });
+    f.seekSync(2 * MiB, Deno.SeekMode.Start);
+    f.writeSync(text);
+    f.close();
+    const { source } = dev.take();
+    for (const compress of [false, true]) {
+      const files: Uint8Array[] = [];
+      const extents: unknown[] = [];
+      for (const poolMinBytes of [0, Infinity]) {
+        const dir = `${root}/b-${compress}-${poolMinBytes}`;
+        Deno.mkdirSync(dir);
+        const m = await mustWrite(dir, {
+          devices: [source],
+          snapshotId: null,
+          time: new Date(Date.UTC(2026, 0, 1)),
+          compress,
+          poolMinBytes,
+        });
+        files.push(Deno.readFileSync(`${dir}/${m.devices[0]!.file}`));
+        extents.push(m.devices[0]!.extents);
+        assert(verifyPoint(dir, m.id).ok);
+      }
+      assertEquals(files[0], files[1], `compress ${compress}: the same file`);
+      assertEquals(extents[0], extents[1], `compress ${compress}: the same extents`);
+    }
+  } finally {
+    Deno.removeSync(root, { recursive: true });
   }
 });
 
@@ -643,6 +755,7 @@ Deno.test("backup: a failure while the next piece is being read: the read ends f
       writePoint(dir, {
         devices: [source],
         snapshotId: null,
+        poolMinBytes: 0, // pieces in flight in the workers
         onProgress: () => {
           throw new Error("the target filesystem is full");
         },
@@ -679,10 +792,10 @@ Deno.test("backup: two devices in one point: each chains on its own, restore pic
       512,
     ]]);
     assertEquals(m2.devices.map((d) => d.key), m1.devices.map((d) => d.key));
-    throws(() => restored(dir, m2.id), /holds 2 devices .*: say which with --device/);
-    assertEquals(restored(dir, m2.id, m2.devices[0]!.key), t2[0]!.image);
-    assertEquals(restored(dir, m2.id, m2.devices[1]!.key), t2[1]!.image);
-    assertEquals(restored(dir, m1.id, b.path), t1[1]!.image);
+    await rejects(() => restored(dir, m2.id), /holds 2 devices .*: say which with --device/);
+    assertEquals(await restored(dir, m2.id, m2.devices[0]!.key), t2[0]!.image);
+    assertEquals(await restored(dir, m2.id, m2.devices[1]!.key), t2[1]!.image);
+    assertEquals(await restored(dir, m1.id, b.path), t1[1]!.image);
     assert(verifyPoint(dir, m2.id).ok);
   } finally {
     Deno.removeSync(root, { recursive: true });
@@ -720,13 +833,13 @@ Deno.test("backup: prune stopped after any of its steps (a crash) leaves every p
         const i = ids.indexOf(l.id);
         const v = verifyPoint(work, l.id);
         assert(v.ok, `after step ${k} (${steps[k]}): ${l.id}: ${v.problem?.message}`);
-        assertEquals(restored(work, l.id), images[i], `after step ${k}: ${l.id}`);
+        assertEquals(await restored(work, l.id), images[i], `after step ${k}: ${l.id}`);
       }
       assert(listPoints(work).some((l) => l.id === ids[2]), "the kept point is always there");
       prune(work, 1);
       assertEquals(listPoints(work).map((l) => l.id), [ids[2]]);
       assertEquals(readManifest(work, ids[2]!).kind, "full");
-      assertEquals(restored(work, ids[2]!), images[2]);
+      assertEquals(await restored(work, ids[2]!), images[2]);
       assertEquals([...Deno.readDirSync(work)].length, 2, `after step ${k}: leftovers`);
     }
   } finally {

@@ -305,7 +305,18 @@ export interface RestoreTarget {
   readonly sizeBytes: number;
   /** A new file: all zeroes, so zero clusters need no writing. */
   readonly fresh: boolean;
-  write(offset: number, data: Uint8Array): void;
+  /**
+   * Writes `data` at `offset`; it may run on Deno's I/O threads while the
+   * caller reads on. The caller awaits one write before it starts the next
+   * write or zero(), and leaves `data` alone meanwhile.
+   */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Makes `length` bytes at `offset` read as zeroes, without writing them
+   * where it can: nothing in a new file (a hole), fallocate on a device or an
+   * existing file, zeroes written in large runs where that is refused.
+   */
+  zero(offset: number, length: number): Promise<void>;
   /** Makes the writes durable (and gives a new file its name). */
   commit(): void;
   /** Closes; a new file not committed is removed. */
@@ -317,21 +328,30 @@ export interface RestoreResult {
   device: string;
   target: string;
   sizeBytes: number;
+  /** Bytes of data written. */
   bytesWritten: number;
+  /** Bytes made zero without writing them (holes, fallocate), or by the fallback's runs. */
+  bytesZeroed: number;
   verified: boolean;
 }
+
+/** Most bytes of a restore piece (a read of the chain, a write to the target). */
+const RESTORE_PIECE_BYTES = 4 * 1024 * 1024;
 
 /**
  * Writes the content of device `key` of point `id` to `target`. Unless
  * `verify` is false, the chain is verified first and a bad point is refused.
+ * Each piece of the chain is read (and inflated) while the previous one is
+ * being written; clusters that read as zeroes are not written but cleared
+ * (target.zero()), a run of them at once.
  */
-export function restorePoint(
+export async function restorePoint(
   dir: string,
   id: string,
   key: string | undefined,
   target: RestoreTarget,
   options: { verify?: boolean; onProgress?: (done: number, total: number) => void } = {},
-): RestoreResult {
+): Promise<RestoreResult> {
   const top = readManifest(dir, id);
   const device = pickDevice(top, key);
   refuseChainFile(dir, top, device.key, target.path);
@@ -354,22 +374,61 @@ export function restorePoint(
   }
   using reader = new ChainReader(dir, top, device.key);
   const cb = reader.clusterBytes;
-  const per = Math.max(1, Math.floor((4 * 1024 * 1024) / cb));
-  const buf = new Uint8Array(per * cb);
+  const per = Math.max(1, Math.floor(RESTORE_PIECE_BYTES / cb));
+  // Two buffers: one being written (asynchronously) while the next piece is read into the other.
+  const bufs = [new Uint8Array(per * cb), new Uint8Array(per * cb)];
+  let writing: Promise<void> = Promise.resolve();
+  const lastWrite: Promise<void>[] = [writing, writing];
   let written = 0;
-  for (let c = 0; c < reader.clusterCount; c += per) {
-    const n = Math.min(per, reader.clusterCount - c);
-    let any = false;
-    for (let i = 0; i < n; i++) {
-      if (reader.readCluster(c + i, buf.subarray(i * cb, (i + 1) * cb))) any = true;
+  let zeroed = 0;
+  /** A run of zero clusters not cleared yet: they are cleared in one call. */
+  let zeroFrom = -1;
+  let zeroTo = -1;
+  const flushZeroes = async () => {
+    if (zeroFrom < 0) return;
+    await writing;
+    await target.zero(zeroFrom, zeroTo - zeroFrom);
+    zeroed += zeroTo - zeroFrom;
+    zeroFrom = zeroTo = -1;
+  };
+  try {
+    for (let c = 0, piece = 0; c < reader.clusterCount; c += per, piece++) {
+      const n = Math.min(per, reader.clusterCount - c);
+      const buf = bufs[piece % 2]!;
+      // This buffer's last write (two pieces ago) must be done; the previous
+      // piece's may still run while this one is read (and inflated).
+      await lastWrite[piece % 2];
+      const isData = new Uint8Array(n);
+      for (let i = 0; i < n; i++) {
+        isData[i] = reader.readCluster(c + i, buf.subarray(i * cb, (i + 1) * cb)) ? 1 : 0;
+      }
+      // Runs of data clusters are written, runs of zero clusters cleared.
+      for (let i = 0; i < n;) {
+        let j = i;
+        while (j < n && isData[j] === isData[i]) j++;
+        const offset = (c + i) * cb;
+        const end = Math.min((c + j) * cb, device.sizeBytes);
+        if (isData[i]) {
+          await flushZeroes();
+          await writing;
+          writing = target.write(offset, buf.subarray(i * cb, i * cb + (end - offset)));
+          writing.catch(() => {}); // awaited below; a failure is not "unhandled" meanwhile
+          lastWrite[piece % 2] = writing;
+          written += end - offset;
+        } else if (zeroTo === offset) {
+          zeroTo = end;
+        } else {
+          await flushZeroes();
+          zeroFrom = offset;
+          zeroTo = end;
+        }
+        i = j;
+      }
+      options.onProgress?.(Math.min((c + n) * cb, device.sizeBytes), device.sizeBytes);
     }
-    const offset = c * cb;
-    const length = Math.min(n * cb, device.sizeBytes - offset);
-    if (any || !target.fresh) {
-      target.write(offset, buf.subarray(0, length));
-      written += length;
-    }
-    options.onProgress?.(offset + length, device.sizeBytes);
+    await flushZeroes();
+  } finally {
+    await writing.catch(() => {});
   }
   target.commit();
   return {
@@ -378,6 +437,7 @@ export function restorePoint(
     target: target.path,
     sizeBytes: device.sizeBytes,
     bytesWritten: written,
+    bytesZeroed: zeroed,
     verified: verify,
   };
 }
@@ -436,11 +496,11 @@ export function openFileTarget(path: string, sizeBytes: number): RestoreTarget {
     path,
     sizeBytes: fresh ? sizeBytes : info!.size,
     fresh,
-    write(offset, data) {
-      file.seekSync(offset, Deno.SeekMode.Start);
-      let done = 0;
-      while (done < data.length) done += file.writeSync(data.subarray(done));
-    },
+    write: (offset, data) => writeAt(file, offset, data),
+    // A new file: the range is a hole already (commit() sets the size). An
+    // existing file: zeroes written in runs (openTarget() punches holes instead).
+    zero: (offset, length) =>
+      fresh ? Promise.resolve() : writeZeroes((o, d) => writeAt(file, o, d), offset, length),
     commit() {
       if (fresh) file.truncateSync(sizeBytes);
       file.syncSync();
@@ -463,18 +523,38 @@ export function openFileTarget(path: string, sizeBytes: number): RestoreTarget {
   };
 }
 
+/** Writes all of `data` at `offset` of `file` (Deno's I/O threads do the write). */
+export async function writeAt(file: Deno.FsFile, offset: number, data: Uint8Array): Promise<void> {
+  await file.seek(offset, Deno.SeekMode.Start);
+  let done = 0;
+  while (done < data.length) done += await file.write(data.subarray(done));
+}
+
+const ZERO_RUN = new Uint8Array(4 * 1024 * 1024);
+
+/** Writes `length` zero bytes at `offset` with `write`, 4 MiB at a time. */
+export async function writeZeroes(
+  write: (offset: number, data: Uint8Array) => Promise<void>,
+  offset: number,
+  length: number,
+): Promise<void> {
+  for (let at = 0; at < length; at += ZERO_RUN.length) {
+    await write(offset + at, ZERO_RUN.subarray(0, Math.min(ZERO_RUN.length, length - at)));
+  }
+}
+
 /** Restores into a regular file (created when missing). */
-export function restoreToFile(
+export async function restoreToFile(
   dir: string,
   id: string,
   key: string | undefined,
   path: string,
   options: { verify?: boolean } = {},
-): RestoreResult {
+): Promise<RestoreResult> {
   const top = readManifest(dir, id);
   const target = openFileTarget(path, pickDevice(top, key).sizeBytes);
   try {
-    return restorePoint(dir, id, key, target, options);
+    return await restorePoint(dir, id, key, target, options);
   } finally {
     target.close();
   }

@@ -79,7 +79,25 @@ function readAll(file: Deno.FsFile, at: number, into: Uint8Array): number {
   return done;
 }
 
-function isZero(data: Uint8Array): boolean {
+/**
+ * A cluster's content deflated as qcow2 stores it (raw deflate, 4 KiB
+ * window), or null when that does not save at least a sector (qemu's rule
+ * too): then it is stored as it is. `data` shorter than a cluster (the
+ * disk's last) is padded with zeroes first.
+ */
+export function compressCluster(data: Uint8Array, clusterBytes: number): Uint8Array | null {
+  let payload = data;
+  if (data.length < clusterBytes) {
+    payload = new Uint8Array(clusterBytes);
+    payload.set(data);
+  }
+  const packed = deflateRawSync(payload, { level: 6, windowBits: 12 });
+  if (packed.length > clusterBytes - 512) return null;
+  return new Uint8Array(packed.buffer, packed.byteOffset, packed.length);
+}
+
+/** True when every byte of `data` is 0. */
+export function isZero(data: Uint8Array): boolean {
   // Word-wise where aligned: cluster buffers are.
   if ((data.byteOffset & 3) === 0 && (data.length & 3) === 0) {
     const w = new Uint32Array(data.buffer, data.byteOffset, data.length >>> 2);
@@ -174,37 +192,48 @@ export class Qcow2Writer {
       this.zeroCluster(index);
       return;
     }
-    const table = this.#table(index);
-    const at = (index % this.#l2Entries) * 2;
-    if (table[at] !== 0 || table[at + 1] !== 0) {
-      throw new BlksnapError("EEXIST", `qcow2: cluster ${index} written twice`);
-    }
-    let payload = data;
-    if (data.length < this.clusterBytes) {
-      payload = new Uint8Array(this.clusterBytes);
-      payload.set(data);
-    }
     if (this.#compress) {
-      const packed = deflateRawSync(payload, { level: 6, windowBits: 12 });
-      // Only worth it when it saves at least a sector; qemu does the same.
-      if (packed.length <= this.clusterBytes - 512) {
-        this.#putCompressed(
-          table,
-          at,
-          new Uint8Array(packed.buffer, packed.byteOffset, packed.length),
-        );
+      const packed = compressCluster(data, this.clusterBytes);
+      if (packed !== null) {
+        this.storeCompressed(index, packed);
         return;
       }
     }
-    this.#end = Math.ceil(this.#end / this.clusterBytes) * this.clusterBytes;
+    this.storeData(index, data);
+  }
+
+  /**
+   * Stores virtual clusters `index`, `index + 1`... as they are, in one
+   * write: `data` holds whole clusters (the disk's last may be short), each
+   * known not to be all zeroes and not worth compressing (compressCluster()
+   * said so). The copy workers decide that off this thread; writeCluster()
+   * decides it here. The layout is the same as one call per cluster.
+   */
+  storeData(index: number, data: Uint8Array): void {
+    const cb = this.clusterBytes;
+    const count = Math.max(1, Math.ceil(data.length / cb));
+    const slots: Array<{ table: Uint32Array; at: number }> = [];
+    for (let k = 0; k < count; k++) {
+      slots.push(this.#entry(index + k, Math.min(cb, data.length - k * cb)));
+    }
+    let payload = data;
+    if (data.length < count * cb) {
+      payload = new Uint8Array(count * cb);
+      payload.set(data);
+    }
+    this.#end = Math.ceil(this.#end / cb) * cb;
     const offset = this.#end;
     writeAll(this.#file, offset, payload);
-    this.#end += this.clusterBytes;
-    this.#ref(offset / this.clusterBytes, 1);
-    table[at] = (FLAG_COPIED | Math.floor(offset / TWO_32)) >>> 0;
-    table[at + 1] = offset >>> 0;
-    this.stats.data++;
-    this.stats.storedBytes += this.clusterBytes;
+    this.#end += count * cb;
+    for (let k = 0; k < count; k++) {
+      const { table, at } = slots[k]!;
+      const host = offset + k * cb;
+      this.#ref(host / cb, 1);
+      table[at] = (FLAG_COPIED | Math.floor(host / TWO_32)) >>> 0;
+      table[at + 1] = host >>> 0;
+    }
+    this.stats.data += count;
+    this.stats.storedBytes += count * cb;
   }
 
   /**
@@ -221,6 +250,38 @@ export class Qcow2Writer {
     }
     table[at + 1] = FLAG_ZERO;
     this.stats.zero++;
+  }
+
+  /** Stores virtual cluster `index` as `packed`, what compressCluster() made of it. */
+  storeCompressed(index: number, packed: Uint8Array): void {
+    if (packed.length === 0 || packed.length > this.clusterBytes - 512) {
+      throw new BlksnapError(
+        "EINVAL",
+        `qcow2: compressed cluster ${index} has ${packed.length} bytes`,
+      );
+    }
+    const { table, at } = this.#entry(index, null);
+    this.#putCompressed(table, at, packed);
+  }
+
+  /** The free L2 slot of cluster `index`; `length`: the data's, checked against the cluster's. */
+  #entry(index: number, length: number | null): { table: Uint32Array; at: number } {
+    this.#check(index);
+    if (length !== null) {
+      const want = Math.min(this.clusterBytes, this.sizeBytes - index * this.clusterBytes);
+      if (length !== want) {
+        throw new BlksnapError(
+          "EINVAL",
+          `qcow2: cluster ${index} has ${length} bytes, not ${want}`,
+        );
+      }
+    }
+    const table = this.#table(index);
+    const at = (index % this.#l2Entries) * 2;
+    if (table[at] !== 0 || table[at + 1] !== 0) {
+      throw new BlksnapError("EEXIST", `qcow2: cluster ${index} written twice`);
+    }
+    return { table, at };
   }
 
   #putCompressed(table: Uint32Array, at: number, packed: Uint8Array): void {

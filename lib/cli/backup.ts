@@ -28,7 +28,7 @@ import {
   SNAPSHOT_FILE,
   writeFileAtomic,
 } from "../backup/manifest.ts";
-import { type DeviceSource, writePoint } from "../backup/point.ts";
+import { CopyPool, type DeviceSource, writePoint } from "../backup/point.ts";
 import {
   deviceChain,
   pickDevice,
@@ -169,9 +169,9 @@ tracker's generation changed (reset, or wrapped past 255 snapshots) and the
 manifest says why. Otherwise only the tracking blocks whose change number is
 newer than the last point's are read from the snapshot image, and the point's
 qcow2 files have the previous point's as backing files. Clusters of zeroes are
-not stored. The snapshot is destroyed at the end, also on failure; a run that
-was killed leaves its snapshot's id in DIR/.snapshot and the next run destroys
-it. A progress bar shows when stdout is a terminal.
+not stored. The snapshot is destroyed at the end, also on failure; it is tied
+to this run's connection to the daemon, which destroys it when a killed run's
+connection closes. A progress bar shows when stdout is a terminal.
 
 Exit status:
   0  a point was written
@@ -326,12 +326,25 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
   const cleaned = await cliErrors(() => cleanLeftovers(dir));
   if (cleaned.length > 0) say(`removed ${cleaned.length} file(s) of an interrupted run`);
 
-  const { id: snapshotId } = await ctx.call(client, "snapshot_create", {
-    devices: tracked.map((t) => t.original),
-    storage: a.storage,
-    limitBytes: a.limitBytes,
-    clientPid: Deno.pid,
-  });
+  // A full copy's workers start now, while the snapshot is made (seconds under TCG); an
+  // incremental starts them in writePoint only when it copies enough to need them.
+  const pool = a.full || listPoints(dir).length === 0 ? new CopyPool() : undefined;
+  let snapshotId: string;
+  try {
+    ({ id: snapshotId } = await ctx.call(client, "snapshot_create", {
+      devices: tracked.map((t) => t.original),
+      storage: a.storage,
+      limitBytes: a.limitBytes,
+      clientPid: Deno.pid,
+      // Tied to this connection: however this run ends (killed before .snapshot
+      // is written, too), the daemon destroys the snapshot when it closes.
+      session: true,
+    }));
+  } catch (err) {
+    pool?.close();
+    throw err;
+  }
+  await injectedPause("BLKSNAP_FAULT_BACKUP_AFTER_CREATE_MS");
   const abort = new AbortController();
   const onSignal = () =>
     abort.abort(new CommandError("EINTR", "Interrupted: no point was written"));
@@ -384,6 +397,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
           compress: a.compress,
           ...(a.full ? { forceFull: "asked for (--full)" } : {}),
           skipUnchanged: true,
+          ...(pool !== undefined ? { pool } : {}),
           signal: abort.signal,
           onProgress: bar,
           beforeCommit: async () => {
@@ -398,6 +412,7 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
     }
     copySeconds = (performance.now() - t0) / 1000;
   } finally {
+    pool?.close();
     bar.end();
     for (const s of signals) Deno.removeSignalListener(s, onSignal);
     try {
@@ -452,6 +467,16 @@ async function runBackup(ctx: Context, a: BackupArgs): Promise<number> {
     }));
   }
   return EXIT.OK;
+}
+
+/**
+ * Fault injection for the VM tests: the run waits this long right after
+ * snapshot_create, before it records the snapshot in DIR/.snapshot, so that
+ * a test can kill it in that window (unset or 0: no wait).
+ */
+async function injectedPause(name: string): Promise<void> {
+  const ms = Number(Deno.env.get(name) ?? "0");
+  if (Number.isSafeInteger(ms) && ms > 0) await new Promise((r) => setTimeout(r, ms));
 }
 
 function readLeftoverSnapshot(dir: string): string | null {
@@ -525,11 +550,13 @@ summary. Needs no daemon.`,
     const { dir, id } = pointArg(values, this);
     const to = resolve(requireString(values, "to", this));
     const key = typeof values.device === "string" ? values.device : undefined;
-    const result = await cliErrors(() => {
+    const result = await cliErrors(async () => {
       const device = pickDevice(readManifest(dir, id), key);
       const target = openTarget(to, device.sizeBytes);
       try {
-        return restorePoint(dir, id, device.key, target, { verify: values["no-verify"] !== true });
+        return await restorePoint(dir, id, device.key, target, {
+          verify: values["no-verify"] !== true,
+        });
       } finally {
         target.close();
       }

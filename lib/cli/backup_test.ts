@@ -67,6 +67,8 @@ class Fake {
         }
         return cbt();
       case "snapshot_create":
+        // A backup's snapshot must go with its connection (a killed run leaks none).
+        if (a.session !== true) throw new BlksnapError("EINVAL", "backup asked for no session");
         this.snapshot = crypto.randomUUID();
         return { id: this.snapshot };
       case "snapshot_take": {

@@ -54,8 +54,21 @@ export type Request =
      * made in it) or a block device; the daemon opens it as
      * `/proc/<clientPid>/root/<storage>` because it runs in a private mount
      * namespace.
+     *
+     * `session` (optional, default false) ties the snapshot to the
+     * connection that created it: the daemon destroys it when that
+     * connection closes, for whatever reason (the client exited, was
+     * killed, or gave up on a reply), unless it was destroyed before. A
+     * backup uses it so that being killed at any point leaks no snapshot;
+     * `blksnap snapshot_create` does not, so its snapshots outlive the CLI.
      */
-    args: { devices: string[]; storage: string; limitBytes: number; clientPid: number };
+    args: {
+      devices: string[];
+      storage: string;
+      limitBytes: number;
+      clientPid: number;
+      session?: boolean;
+    };
   }
   | { op: "snapshot_add"; args: { id: string; device: string } }
   | { op: "snapshot_take"; args: { id: string } }
@@ -373,7 +386,9 @@ type ArgKind =
   /** A non-empty array of at most MAX_RANGES {sector, count}. */
   | "ranges"
   /** true or false. */
-  | "flag";
+  | "flag"
+  /** true or false, or absent (then left out of the parsed args). */
+  | "optionalFlag";
 
 /** Most devices in one snapshot_create. */
 export const MAX_DEVICES = 64;
@@ -395,7 +410,13 @@ const ARG_SPECS: Record<Op, Record<string, ArgKind>> = {
   cbtinfo: { device: "path" },
   readcbtmap: { device: "path" },
   markdirtyblock: { device: "path", ranges: "ranges" },
-  snapshot_create: { devices: "paths", storage: "path", limitBytes: "bytes", clientPid: "pid" },
+  snapshot_create: {
+    devices: "paths",
+    storage: "path",
+    limitBytes: "bytes",
+    clientPid: "pid",
+    session: "optionalFlag",
+  },
   snapshot_add: { id: "uuid", device: "path" },
   snapshot_take: { id: "uuid" },
   snapshot_destroy: { id: "uuid" },
@@ -444,6 +465,7 @@ export function parseRequest(line: string): Envelope {
   }
   const out: Record<string, unknown> = {};
   for (const [key, kind] of Object.entries(spec)) {
+    if (kind === "optionalFlag" && a[key] === undefined) continue;
     out[key] = VALIDATORS[kind](a[key], (what) => bad(op, key, what, a[key]));
   }
   return { v: PROTOCOL_VERSION, id: r.id, op, args: out as Request["args"] };
@@ -498,6 +520,10 @@ const VALIDATORS: Record<ArgKind, (v: unknown, fail: Fail) => unknown> = {
   },
   flag(v, fail) {
     if (typeof v !== "boolean") return fail("true or false");
+    return v;
+  },
+  optionalFlag(v, fail) {
+    if (typeof v !== "boolean") return fail("true or false (or absent)");
     return v;
   },
   timeout(v, fail) {

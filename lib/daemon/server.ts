@@ -135,6 +135,8 @@ export class ControlServer {
   }
 
   async #serveConn(conn: Deno.UnixConn): Promise<void> {
+    /** Snapshots created on this connection with `session`: destroyed when it closes. */
+    const session = new Set<string>();
     const decoder = new TextDecoder();
     const encoder = new TextEncoder();
     let pending = "";
@@ -149,7 +151,7 @@ export class ControlServer {
           const line = pending.slice(0, nl);
           pending = pending.slice(nl + 1);
           if (line.trim() === "") continue;
-          const reply = await this.#handleLine(line);
+          const reply = await this.#handleLine(line, session);
           try {
             await writeAll(conn, encoder.encode(JSON.stringify(reply) + "\n"));
           } finally {
@@ -180,10 +182,31 @@ export class ControlServer {
       } catch {
         // closed by close()
       }
+      // Requests of a connection are served one at a time: none is running now.
+      if (session.size > 0 && !this.#closed) await this.#endSession(session);
     }
   }
 
-  async #handleLine(line: string): Promise<Reply> {
+  /**
+   * The client of `session` is gone (exited, killed, or gave up on a reply):
+   * its session snapshots go with it. Not when the daemon itself stops
+   * (close()): its shutdown or handover deals with every snapshot.
+   */
+  async #endSession(session: Set<string>): Promise<void> {
+    for (const id of session) {
+      try {
+        await this.#daemon.snapshotDestroy(id);
+        log(`snapshot ${id} destroyed: the connection that created it (session) closed`);
+      } catch (err) {
+        if (!(err instanceof BlksnapError && err.code === "ESRCH")) {
+          log(`snapshot ${id} of a closed session: destroy failed: ${err}`);
+        }
+      }
+    }
+    session.clear();
+  }
+
+  async #handleLine(line: string, session: Set<string>): Promise<Reply> {
     let req: Envelope;
     try {
       req = parseRequest(line);
@@ -191,14 +214,14 @@ export class ControlServer {
       return errorReply(salvageId(line), err);
     }
     try {
-      const result = await this.#dispatch(req);
+      const result = await this.#dispatch(req, session);
       return { v: PROTOCOL_VERSION, id: req.id, ok: true, result };
     } catch (err) {
       return errorReply(req.id, err);
     }
   }
 
-  #dispatch(req: Envelope): Promise<unknown> | unknown {
+  #dispatch(req: Envelope, session: Set<string>): Promise<unknown> | unknown {
     const d = this.#daemon;
     const args = req.args as Record<string, string>;
     switch (req.op) {
@@ -232,14 +255,26 @@ export class ControlServer {
         const a = argsOf(req, "markdirtyblock");
         return d.markDirty(a.device, a.ranges);
       }
-      case "snapshot_create":
-        return d.snapshotCreate(argsOf(req, "snapshot_create"));
+      case "snapshot_create": {
+        const a = argsOf(req, "snapshot_create");
+        // Recorded before the reply is written: a client killed while it
+        // waits for the reply leaves no snapshot either.
+        return d.snapshotCreate(a).then((r) => {
+          if (a.session === true) session.add(r.id);
+          return r;
+        });
+      }
       case "snapshot_add":
         return d.snapshotAdd(argsOf(req, "snapshot_add"));
       case "snapshot_take":
         return d.snapshotTake(argsOf(req, "snapshot_take").id);
-      case "snapshot_destroy":
-        return d.snapshotDestroy(argsOf(req, "snapshot_destroy").id);
+      case "snapshot_destroy": {
+        const id = argsOf(req, "snapshot_destroy").id;
+        return d.snapshotDestroy(id).then((r) => {
+          session.delete(id);
+          return r;
+        });
+      }
       case "snapshot_collect":
         return d.snapshotCollect();
       case "snapshot_info":

@@ -5,6 +5,8 @@ import { Client, DaemonError, DaemonUnavailableError, requestTimeoutMs } from ".
 
 /** A daemon stand-in: records calls; attach of "/busy" fails like the real one. */
 function fakeDaemon(calls: string[]): DaemonApi {
+  let created = 0;
+  const snaps = new Set<string>();
   return {
     version: () => ({ version: "t", protocol: 1, pid: 1, ublkFeatures: [], ioctlEncoding: true }),
     status: () => ({} as ReturnType<DaemonApi["status"]>),
@@ -23,10 +25,20 @@ function fakeDaemon(calls: string[]): DaemonApi {
     readCbtMap: notTracked,
     markDirty: notTracked,
     snapshotInfo: notTracked,
-    snapshotCreate: () => Promise.reject(new BlksnapError("ENOENT", "no storage")),
+    snapshotCreate: (args) => {
+      if (args.storage !== "/ok") return Promise.reject(new BlksnapError("ENOENT", "no storage"));
+      const id = `00000000-0000-4000-8000-${String(++created).padStart(12, "0")}`;
+      snaps.add(id);
+      calls.push(`create ${id.slice(-1)}`);
+      return Promise.resolve({ id });
+    },
     snapshotAdd: noSnapshot,
     snapshotTake: noSnapshot,
-    snapshotDestroy: noSnapshot,
+    snapshotDestroy: (id: string) => {
+      if (!snaps.delete(id)) return noSnapshot();
+      calls.push(`destroy ${id.slice(-1)}`);
+      return Promise.resolve({ id });
+    },
     snapshotCollect: () => ({ ids: [] }),
     snapshotWaitEvent: noSnapshot,
     prepareHandover: (force: boolean) => {
@@ -108,6 +120,102 @@ Deno.test("a handover is refused while snapshots are held, and signalled only af
     assert(requested);
     assertEquals(calls, ["handover false", "handover true"]);
   });
+});
+
+/** Waits (up to 2 s) until `calls` has `n` entries. */
+async function callsReach(calls: string[], n: number): Promise<void> {
+  for (let i = 0; i < 200 && calls.length < n; i++) await new Promise((r) => setTimeout(r, 10));
+}
+
+Deno.test("a session snapshot is destroyed when its connection closes, other snapshots are not", async () => {
+  await withServer(async (path, calls) => {
+    const create = (id: number, session?: boolean) =>
+      JSON.stringify({
+        v: 1,
+        id,
+        op: "snapshot_create",
+        args: {
+          devices: [],
+          storage: "/ok",
+          limitBytes: 1,
+          clientPid: 1,
+          ...(session !== undefined ? { session } : {}),
+        },
+      });
+    // One with session, one without, one with session false: only the first goes.
+    const replies = await exchange(path, [create(1, true), create(2), create(3, false)]);
+    assertEquals(replies.map((r) => r.ok), [true, true, true]);
+    await callsReach(calls, 4);
+    assertEquals(calls, ["create 1", "create 2", "create 3", "destroy 1"]);
+
+    // Destroyed by its client before the close: not destroyed again (no ESRCH noise).
+    calls.length = 0;
+    const [made] = await exchange(path, [create(4, true)]);
+    assertEquals(made!.ok, true);
+    await callsReach(calls, 2);
+    assertEquals(calls, ["create 4", "destroy 4"]);
+    calls.length = 0;
+    const id = (made!.result as { id: string }).id;
+    assertEquals(id.slice(-1), "4");
+    const c = await Client.connect(path);
+    const r = await c.request("snapshot_create", {
+      devices: [],
+      storage: "/ok",
+      limitBytes: 1,
+      clientPid: 1,
+      session: true,
+    }) as { id: string };
+    await c.request("snapshot_destroy", { id: r.id });
+    c.close();
+    await new Promise((r) => setTimeout(r, 50));
+    assertEquals(calls, ["create 5", "destroy 5"]);
+
+    // A client that dies waiting for the reply: the snapshot still goes.
+    calls.length = 0;
+    const conn = await Deno.connect({ transport: "unix", path });
+    await conn.write(new TextEncoder().encode(create(6, true) + "\n"));
+    conn.close();
+    await callsReach(calls, 2);
+    assertEquals(calls, ["create 6", "destroy 6"]);
+
+    // A bad session value is refused, nothing made.
+    calls.length = 0;
+    const [bad] = await exchange(path, [
+      JSON.stringify({
+        v: 1,
+        id: 7,
+        op: "snapshot_create",
+        args: { devices: [], storage: "/ok", limitBytes: 1, clientPid: 1, session: "yes" },
+      }),
+    ]);
+    assertEquals((bad!.error as { code: string }).code, "EINVAL");
+    assertEquals(calls, []);
+  });
+});
+
+Deno.test("a session snapshot is left alone when the daemon itself stops", async () => {
+  const dir = Deno.makeTempDirSync();
+  const path = `${dir}/control.sock`;
+  const calls: string[] = [];
+  const server = await ControlServer.listen(fakeDaemon(calls), path);
+  const serving = server.serve();
+  const c = await Client.connect(path);
+  try {
+    await c.request("snapshot_create", {
+      devices: [],
+      storage: "/ok",
+      limitBytes: 1,
+      clientPid: 1,
+      session: true,
+    });
+    server.close();
+    await serving;
+    await new Promise((r) => setTimeout(r, 50));
+    assertEquals(calls, ["create 1"]);
+  } finally {
+    c.close();
+    Deno.removeSync(dir, { recursive: true });
+  }
 });
 
 Deno.test("ControlServer answers garbage with errors and keeps the connection", async () => {

@@ -7,9 +7,13 @@
  * and file checksums. Then: an incremental after 1% of the device changed
  * reads at most 2% of it; a backup while a writer is busy restores to a
  * clean filesystem; a backup killed mid-copy leaves a snapshot that the next
- * run destroys, and that run's point is correct; --keep; bad input (the
+ * run finds gone (its snapshot went with its connection to the daemon), and
+ * that run's point is correct; one killed between snapshot_create and
+ * recording the snapshot leaves no snapshot and no image device; --keep; bad input (the
  * directory on the device being backed up, restore onto the tracked original
- * or a mounted device, a corrupted point). Runs inside the VM.
+ * or a mounted device, a corrupted point); a restore over a device full of
+ * random data reads back exactly (its zero clusters cleared, not written).
+ * Runs inside the VM.
  */
 import {
   deepStrictEqual as assertEquals,
@@ -27,11 +31,21 @@ import {
   sha256,
   sleep,
   stopwatch,
+  ublkNodes,
   vmTest,
   withDaemonLog,
 } from "./_helpers.ts";
 
 const MiB = 1024 * 1024;
+
+function existsSync(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
 const SIZE_MIB = 128;
 
 interface Summary {
@@ -82,6 +96,72 @@ async function restoreAndCheck(
     }
   } finally {
     await loop.destroy();
+  }
+}
+
+/**
+ * Runs `args` with stdout on a pseudo-terminal (posix_openpt through FFI: the
+ * VM has no script(1)) and returns what it printed there and its exit status.
+ */
+async function runOnTty(args: string[], env: Record<string, string>) {
+  const libc = Deno.dlopen(
+    "libc.so.6",
+    {
+      posix_openpt: { parameters: ["i32"], result: "i32" },
+      grantpt: { parameters: ["i32"], result: "i32" },
+      unlockpt: { parameters: ["i32"], result: "i32" },
+      ptsname_r: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+      read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+      close: { parameters: ["i32"], result: "i32" },
+    } as const,
+  );
+  const O_RDWR = 2, O_NOCTTY = 0o400, O_NONBLOCK = 0o4000;
+  const master = libc.symbols.posix_openpt(O_RDWR | O_NOCTTY | O_NONBLOCK);
+  assert(master >= 0, "posix_openpt failed");
+  try {
+    assertEquals(libc.symbols.grantpt(master), 0);
+    assertEquals(libc.symbols.unlockpt(master), 0);
+    const name = new Uint8Array(64);
+    assertEquals(libc.symbols.ptsname_r(master, name, BigInt(name.length)), 0);
+    const slave = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
+    const child = new Deno.Command("sh", {
+      args: ["-c", `exec "$@" >${slave}`, "sh", ...args],
+      env,
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const chunks: Uint8Array[] = [];
+    const buf = new Uint8Array(65536);
+    let done = false;
+    const status = child.output().then((o) => {
+      done = true;
+      return o;
+    });
+    const drain = () => {
+      for (;;) {
+        const n = Number(libc.symbols.read(master, buf, BigInt(buf.length)));
+        if (n <= 0) return;
+        chunks.push(buf.slice(0, n));
+      }
+    };
+    while (!done) {
+      drain();
+      await sleep(50);
+    }
+    drain();
+    const out = await status;
+    const text = new TextDecoder().decode(
+      chunks.reduce((a, c) => {
+        const m = new Uint8Array(a.length + c.length);
+        m.set(a);
+        m.set(c, a.length);
+        return m;
+      }, new Uint8Array(0)),
+    );
+    return { code: out.code, tty: text, stderr: new TextDecoder().decode(out.stderr) };
+  } finally {
+    libc.symbols.close(master);
+    libc.close();
   }
 }
 
@@ -191,6 +271,54 @@ vmTest(
         await restoreAndCheck(cli, `${dir}/${p2.point}.json`, sums2, "point 2");
         await restoreAndCheck(cli, `${dir}/${p3.point}.json`, sums3, "point 3");
         lap("three restores");
+
+        // A restore over a device full of random data: its zero clusters are cleared (fallocate
+        // ZERO_RANGE, not written) and must read as zeroes: the device equals qemu-img's raw
+        // conversion of the point, read back with the page cache dropped.
+        {
+          const loop = await Loop.create(SIZE_MIB);
+          const raw = "/tmp/restore-over-noise.raw";
+          try {
+            await sh(
+              "dd",
+              "if=/dev/urandom",
+              `of=${loop.path}`,
+              "bs=1M",
+              `count=${SIZE_MIB}`,
+              "oflag=direct",
+              "status=none",
+            );
+            const t0 = performance.now();
+            const r = await cli.json<{ bytesWritten: number; bytesZeroed: number }>(
+              "restore",
+              "--from",
+              `${dir}/${p3.point}.json`,
+              "--to",
+              loop.path,
+            );
+            const secs = (performance.now() - t0) / 1000;
+            console.log(
+              `restore over random data: ${r.bytesWritten} bytes written, ${r.bytesZeroed} ` +
+                `cleared, ${secs.toFixed(1)} s`,
+            );
+            assertEquals(r.bytesWritten + r.bytesZeroed, SIZE_MIB * MiB);
+            assert(r.bytesZeroed >= SIZE_MIB * MiB / 4, `only ${r.bytesZeroed} bytes cleared`);
+            await sh("qemu-img", "convert", "-O", "raw", `${dir}/${p3.devices[0]!.file}`, raw);
+            await sh("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches");
+            const cmp = await run("cmp", [loop.path, raw]);
+            assertEquals(
+              cmp.code,
+              0,
+              `restore over random data differs\n${cmp.stdout}${cmp.stderr}`,
+            );
+            const fsck = await run("e2fsck", ["-fn", loop.path]);
+            assertEquals(fsck.code, 0, `restore over random data: e2fsck\n${fsck.stdout}`);
+          } finally {
+            await loop.destroy();
+            await Deno.remove(raw).catch(() => {});
+          }
+        }
+        lap("restore over random data");
 
         // qemu-nbd serves an incremental point (through its chain): a clean filesystem.
         await sh("modprobe", "nbd", "nbds_max=2");
@@ -341,6 +469,41 @@ vmTest(
         }
         lap("SIGTERM mid-copy");
 
+        // SIGKILL between snapshot_create and writing .snapshot (the run waits there, by
+        // fault injection): the daemon destroys the snapshot when the connection closes.
+        const trackedNodes = ublkNodes();
+        const noSnapshotLeft = async (what: string) => {
+          let ids = "";
+          for (let i = 0; i < 200; i++) {
+            ids = await cli.ok("snapshot_collect");
+            if (ids === "" && ublkNodes().length === trackedNodes.length) break;
+            await sleep(50);
+          }
+          assertEquals(ids, "", `${what}: a snapshot is left`);
+          assertEquals(ublkNodes(), trackedNodes, `${what}: an image device is left`);
+          const status = JSON.parse(await cli.ok("status", "--json"));
+          assertEquals(status.snapshots ?? [], [], `${what}: status shows a snapshot`);
+        };
+        {
+          const child = new Deno.Command(Deno.execPath(), {
+            args: ["run", "-A", "--quiet", MAIN, "backup", "-d", orig.path, "--to", dir],
+            env: { BLKSNAP_SOCKET: cli.socket, BLKSNAP_FAULT_BACKUP_AFTER_CREATE_MS: "20000" },
+            stdout: "null",
+            stderr: "null",
+          }).spawn();
+          let created = false;
+          for (let i = 0; i < 600 && !created; i++) {
+            created = (await cli.ok("snapshot_collect")) !== "";
+            if (!created) await sleep(50);
+          }
+          child.kill("SIGKILL");
+          await child.status;
+          assert(created, "the backup created no snapshot in 30 s");
+          assert(!existsSync(`${dir}/.snapshot`), "killed before it wrote .snapshot");
+          await noSnapshotLeft("killed after snapshot_create");
+        }
+        lap("SIGKILL after snapshot_create");
+
         // Killed mid-copy (a full copy, to be slow enough): the snapshot is left; the next
         // run destroys it and writes a correct point.
         await umount();
@@ -362,7 +525,10 @@ vmTest(
         }
         const st = await child.status;
         assert(killedMidCopy, `the backup ended (${st.code}) before it could be killed`);
-        assertEquals((await cli.ok("snapshot_collect")).split("\n").filter((l) => l).length, 1);
+        // Its snapshot went with its connection: no snapshot, no image device; the
+        // .snapshot it wrote names a snapshot the next run finds gone.
+        await noSnapshotLeft("killed mid-copy");
+        assert(Deno.statSync(`${dir}/.snapshot`).isFile, "the killed run's .snapshot is there");
         const p6 = await backup();
         assertEquals(await cli.ok("snapshot_collect"), "", "no snapshot left");
         assert(![...Deno.readDirSync(dir)].some((e) => e.name.startsWith(".tmp.")));
@@ -441,6 +607,41 @@ vmTest(
           );
         }
         lap("throughput");
+
+        // The progress bar, with stdout a terminal: percent, amounts, rate and time left.
+        {
+          const r = await runOnTty(
+            [
+              Deno.execPath(),
+              "run",
+              "-A",
+              "--quiet",
+              MAIN,
+              "backup",
+              "-d",
+              orig.path,
+              "--to",
+              dir,
+              "--full",
+            ],
+            { BLKSNAP_SOCKET: cli.socket, PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin" },
+          );
+          assertEquals(r.code, 0, `backup on a tty: exit ${r.code}\n${r.stderr}`);
+          const lines = r.tty.split("\r").map((l) => l.replaceAll("\x1b[K", "").trim()).filter((
+            l,
+          ) => l !== "");
+          const bar =
+            /^\[[#.]{20}\] +\d{1,3}% \d+\.\d (MiB|GiB) of \d+\.\d (MiB|GiB), \d+\.\d (MiB|GiB)\/s, \d+ s left$/;
+          assert(
+            lines.length >= 2,
+            `the bar was drawn ${lines.length} time(s): ${JSON.stringify(r.tty)}`,
+          );
+          for (const l of lines) assertMatch(l, bar);
+          assertMatch(lines.at(-1)!, /\] 100% /);
+          assert(r.tty.endsWith("\n"), "the bar ends with a newline");
+          console.log(`progress bar: ${lines.length} updates, last: ${lines.at(-1)}`);
+        }
+        lap("progress bar");
 
         // A full target filesystem: a clear error, no point and no temporary file left, the
         // snapshot destroyed.
