@@ -722,6 +722,51 @@ vmTest(
           bad.stderr,
           new RegExp(`point ${p7.point}, device .*, offset \\d+, length \\d+`),
         );
+        // Restore of the corrupted point: refused before a byte is written.
+        const fresh = await Loop.create(SIZE_MIB);
+        try {
+          const untouched = await sha256(fresh.path);
+          const r = await cli.run(
+            "restore",
+            "--from",
+            `${dir}/${p7.point}.json`,
+            "--to",
+            fresh.path,
+          );
+          assertEquals(r.code, 1, r.stderr);
+          assertMatch(
+            r.stderr,
+            new RegExp(`Point ${p7.point} is damaged, nothing was restored: .*does not match`),
+          );
+          assertEquals(await sha256(fresh.path), untouched, "the target is untouched");
+          // A broken chain: the newest incremental point's backing file is gone;
+          // verify and restore name the missing file, and restore writes nothing.
+          const manifests = [...Deno.readDirSync(dir)]
+            .filter((e) => /^[^.].*\.json$/.test(e.name))
+            .map((e) => JSON.parse(Deno.readTextFileSync(`${dir}/${e.name}`)))
+            .sort((a, b) => b.sequence - a.sequence);
+          const inc = manifests.find((m) => m.kind === "incremental" && m.previous !== null);
+          assert(inc, "an incremental point to break");
+          const backing = `${dir}/${inc.devices[0].backing}`;
+          await Deno.rename(backing, `${backing}.moved`);
+          try {
+            for (const args of [["verify"], ["restore", "--to", fresh.path]]) {
+              const b = await cli.run(
+                args[0]!,
+                "--from",
+                `${dir}/${inc.id}.json`,
+                ...args.slice(1),
+              );
+              assertEquals(b.code, 1, `${args[0]}: ${b.stderr}`);
+              assertMatch(b.stderr, /Broken chain: point .*: its file .* is missing/);
+            }
+            assertEquals(await sha256(fresh.path), untouched, "the target is untouched");
+          } finally {
+            await Deno.rename(`${backing}.moved`, backing);
+          }
+        } finally {
+          await fresh.destroy();
+        }
         lap("keep, bad input");
       });
     } finally {
