@@ -11,6 +11,16 @@
 import { assert } from "./errors.ts";
 
 export const SECTOR_SHIFT = 9;
+
+/**
+ * The index of the 2^`shift`-sector unit (a CBT block, a chunk) that holds
+ * `sector`. On every write, so integer shifts while the sector is below 2^31
+ * (1 TiB) and a division past it, never Math.pow (a library call, and a long
+ * soft-float routine under emulation). `shift` is below 31.
+ */
+export function unitOf(sector: number, shift: number): number {
+  return sector <= 0x7fff_ffff ? sector >>> shift : Math.floor(sector / (1 << shift));
+}
 export const SECTOR_SIZE = 512;
 /** Largest byte offset the engine addresses (exact in a JS number). */
 export const MAX_BYTES = Number.MAX_SAFE_INTEGER;

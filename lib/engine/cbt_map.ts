@@ -47,7 +47,7 @@
  * @module
  */
 
-import { SECTOR_SHIFT } from "./block_device.ts";
+import { SECTOR_SHIFT, unitOf } from "./block_device.ts";
 import { assert, BlksnapError } from "./errors.ts";
 import type { Params } from "./params.ts";
 
@@ -142,9 +142,8 @@ export class CbtMap {
   #uuid!: Uint8Array;
   #writeMap!: Uint8Array;
   #readMap!: Uint8Array;
-  /** log2 of sectors per block, and sectors per block (`#set` divides without Math.pow). */
+  /** log2 of sectors per block. */
   #sectorShift = 0;
-  #blockSectors = 1;
   /** capacitySectors as a plain number (an integer compare on every write, not a Float64Array load). */
   #capacitySectors = 0;
 
@@ -266,7 +265,6 @@ export class CbtMap {
     this.#writeMap = new Uint8Array(memory, HEADER_BYTES, count);
     this.#readMap = new Uint8Array(memory, HEADER_BYTES + align64(count), count);
     this.#sectorShift = this.#words[W_SHIFT]! - SECTOR_SHIFT;
-    this.#blockSectors = 2 ** this.#sectorShift;
     this.#capacitySectors = this.#capacity[0]!;
   }
 
@@ -453,18 +451,8 @@ export class CbtMap {
   }
 
   #set(map: Uint8Array, sector: number, count: number, number: number): void {
-    // On every write: integer shifts while the range is below 2^31 sectors
-    // (1 TiB), a division past it. Never 2 ** shift here: Math.pow is a
-    // library call, and under emulation (TCG) a costly one.
-    const end = sector + count - 1;
-    let first: number, last: number;
-    if (end <= 0x7fff_ffff) {
-      first = sector >>> this.#sectorShift;
-      last = end >>> this.#sectorShift;
-    } else {
-      first = Math.floor(sector / this.#blockSectors);
-      last = Math.floor(end / this.#blockSectors);
-    }
+    const first = unitOf(sector, this.#sectorShift);
+    const last = unitOf(sector + count - 1, this.#sectorShift);
     // The message is built only on failure: as an argument of assert() it
     // would be allocated on every write.
     if (last >= map.length) assert(false, `CBT block ${last} past the map of ${map.length}`);

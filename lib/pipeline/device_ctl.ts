@@ -60,6 +60,11 @@ export const LANE = {
   IMAGE_WRITES: 4,
 } as const;
 
+/** The index in `w` of word `field` of `lane`. */
+function laneWord(lane: number, field: number): number {
+  return CTL.LANES + lane * LANE_STRIDE + field;
+}
+
 /** The lane of image queue `qId`. */
 export function imageLane(qId: number): number {
   return MAX_QUEUES + qId;
@@ -139,7 +144,7 @@ export class DeviceCtl {
    */
   admit(lane: number): boolean {
     const w = this.w;
-    const word = CTL.LANES + lane * LANE_STRIDE + LANE.ADMITTED;
+    const word = laneWord(lane, LANE.ADMITTED);
     const n = w[word]! + 1; // this lane's own word: only this thread writes it
     Atomics.store(w, word, n);
     if (Atomics.load(w, CTL.GATE) === 0) return true;
@@ -149,7 +154,7 @@ export class DeviceCtl {
 
   /** Ends an admitted write of `lane`. */
   finish(lane: number): void {
-    const word = CTL.LANES + lane * LANE_STRIDE + LANE.ADMITTED;
+    const word = laneWord(lane, LANE.ADMITTED);
     const left = this.w[word]! - 1;
     if (left < 0) unreachable("more writes finished than admitted");
     this.#leave(word, left);
@@ -217,7 +222,7 @@ export class DeviceCtl {
   async drained(timeoutMs: number): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     for (let lane = 0; lane < LANES; lane++) {
-      const word = CTL.LANES + lane * LANE_STRIDE + LANE.ADMITTED;
+      const word = laneWord(lane, LANE.ADMITTED);
       for (;;) {
         const n = Atomics.load(this.w, word);
         if (n === 0) break;
@@ -257,7 +262,7 @@ export class DeviceCtl {
    * own cache line, never a read-modify-write shared between queues.
    */
   count(lane: number, field: number, by = 1): void {
-    const i = CTL.LANES + lane * LANE_STRIDE + field;
+    const i = laneWord(lane, field);
     Atomics.store(this.w, i, this.w[i]! + by);
   }
 
@@ -265,7 +270,7 @@ export class DeviceCtl {
   counter(field: number): number {
     let n = 0;
     for (let lane = 0; lane < LANES; lane++) {
-      n += Atomics.load(this.w, CTL.LANES + lane * LANE_STRIDE + field);
+      n += Atomics.load(this.w, laneWord(lane, field));
     }
     return n;
   }
@@ -274,7 +279,7 @@ export class DeviceCtl {
   resetCounters(): void {
     for (let lane = 0; lane < LANES; lane++) {
       for (const field of [LANE.COW_LOADS, LANE.PARKED, LANE.IMAGE_READS, LANE.IMAGE_WRITES]) {
-        Atomics.store(this.w, CTL.LANES + lane * LANE_STRIDE + field, 0);
+        Atomics.store(this.w, laneWord(lane, field), 0);
       }
     }
     this.f[CTL_F.STORED] = 0;

@@ -76,7 +76,7 @@ function makeTarget(
  * that CPU (so the driver's task work runs where its I/O was issued). Off by
  * default until a benchmark shows it pays.
  */
-function pinToCpu(libc: ReturnType<typeof openLibc>, qId: number): void {
+function pinToCpu(libc: Libc, qId: number): void {
   if (Deno.env.get("BLKSNAP_QUEUE_AFFINITY") !== "1") return;
   const cpus = navigator.hardwareConcurrency;
   const mask = new Uint8Array(128); // cpu_set_t: 1024 bits

@@ -19,6 +19,7 @@
 import { ERRNO } from "../../../ffi/errno.ts";
 import { SQE } from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
+import { SECTOR_SHIFT, unitOf } from "../../engine/block_device.ts";
 import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
 import { bufferOf, CHUNK } from "../../pipeline/chunk_map.ts";
@@ -124,15 +125,9 @@ export class ImageTarget implements UblkTarget {
     this.#op[tag] = op;
     this.#start[tag] = start;
     this.#bytes[tag] = bytes;
-    const endSector = req.startSector + req.nrSectors - 1;
-    if (endSector <= 0x7fff_ffff) {
-      const shift = this.#view.chunkShift - 9;
-      this.#next[tag] = req.startSector >>> shift;
-      this.#last[tag] = endSector >>> shift;
-    } else {
-      this.#next[tag] = Math.floor(start / this.#view.chunkBytes);
-      this.#last[tag] = Math.floor((start + bytes - 1) / this.#view.chunkBytes);
-    }
+    const shift = this.#view.chunkShift - SECTOR_SHIFT;
+    this.#next[tag] = unitOf(req.startSector, shift);
+    this.#last[tag] = unitOf(req.startSector + req.nrSectors - 1, shift);
     this.#failed[tag] = 0;
     this.#redo[tag] = -1;
     if (op === UBLK_IO_OP.WRITE) {

@@ -26,6 +26,7 @@
 import { ERRNO } from "../../../ffi/errno.ts";
 import { SQE } from "../../../ffi/uring_abi.ts";
 import { UBLK_IO_OP } from "../../../ffi/ublk_abi.ts";
+import { SECTOR_SHIFT, unitOf } from "../../engine/block_device.ts";
 import { CbtMap } from "../../engine/cbt_map.ts";
 import { BufferPool } from "../../pipeline/buffer_pool.ts";
 import { CHUNK } from "../../pipeline/chunk_map.ts";
@@ -81,8 +82,6 @@ const PHASE_IDLE = 0;
 const PHASE_GATE = 1;
 const PHASE_COW = 2;
 const PHASE_IO = 3;
-
-const SECTOR = 512;
 
 /** A record of the store ring: [chunk, buffer, bytes]. */
 export const STORE_RECORD_SLOTS = 3;
@@ -195,17 +194,9 @@ export class TrackedTarget implements UblkTarget {
     // Before the write is sent: a map may over-mark but never misses a write.
     if (this.#profile !== 2) this.#cbt.mark(sector, sectors);
     if (this.#ctl.cowActive && this.#view.current()) {
-      // Chunk indexes by integer shifts below 2^31 sectors, else a division (never Math.pow).
-      const end = sector + sectors - 1;
-      const shift = this.#view.chunkShift - 9;
-      if (end <= 0x7fff_ffff) {
-        this.#next[tag] = sector >>> shift;
-        this.#last[tag] = end >>> shift;
-      } else {
-        const chunkSectors = this.#view.chunkBytes / SECTOR;
-        this.#next[tag] = Math.floor(sector / chunkSectors);
-        this.#last[tag] = Math.floor(end / chunkSectors);
-      }
+      const shift = this.#view.chunkShift - SECTOR_SHIFT;
+      this.#next[tag] = unitOf(sector, shift);
+      this.#last[tag] = unitOf(sector + sectors - 1, shift);
       this.#phase[tag] = PHASE_COW;
       return this.#cow(q, tag);
     }
