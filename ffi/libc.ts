@@ -49,6 +49,8 @@ export const LIBC_SYMBOLS = {
   flock: { parameters: ["i32", "i32"], result: "i32" },
   // int umount2(const char *target, int flags)
   umount2: { parameters: ["buffer", "i32"], result: "i32" },
+  // int fcntl(int fd, int cmd, long arg) (F_GETFL, F_SETFL: the third argument an int)
+  fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" },
   // int sched_setaffinity(pid_t pid, size_t cpusetsize, const cpu_set_t *mask)
   sched_setaffinity: { parameters: ["i32", "usize", "buffer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
@@ -70,6 +72,8 @@ export const O = {
   TMPFILE: 0o20200000, // includes O_DIRECTORY
 } as const;
 
+/** fcntl(2) commands. */
+export const F = { GETFL: 3, SETFL: 4 } as const;
 export const PROT = { READ: 1, WRITE: 2 } as const;
 export const MAP = { SHARED: 1, PRIVATE: 2, ANONYMOUS: 0x20, POPULATE: 0x8000 } as const;
 export const MAP_FAILED = 0xffff_ffff_ffff_ffffn;

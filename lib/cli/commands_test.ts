@@ -529,6 +529,7 @@ const STATUS: StatusResult = {
     storage: {
       path: "/var/tmp",
       kind: "tmpfile",
+      io: "buffered",
       capacityBytes: 64 << 20,
       filledBytes: 3 << 20,
       limitBytes: 1 << 30,
@@ -542,6 +543,7 @@ const STATUS: StatusResult = {
     storage: {
       path: "/dev/sdd",
       kind: "blockdev",
+      io: "direct",
       capacityBytes: 1 << 30,
       filledBytes: 0,
       limitBytes: 1 << 30,
@@ -560,7 +562,7 @@ Deno.test("status shows a CBT column and the snapshots", async () => {
     "  storage: /var/tmp (tmpfile), used 3.00 MiB of 64.0 MiB, limit 1.00 GiB",
     "  /dev/loop0 (/dev/ublkb0) -> /dev/ublkb7",
     `snapshot ${GEN}: created, not taken, error_code=-5 (corrupted: Input/output error)`,
-    "  storage: /dev/sdd (blockdev), used 0 B of 1.00 GiB, limit 1.00 GiB",
+    "  storage: /dev/sdd (blockdev, direct I/O), used 0 B of 1.00 GiB, limit 1.00 GiB",
     "  /dev/loop0 (/dev/ublkb0) -> (no image until taken)",
   ]);
   assertEquals(JSON.parse((await run(["status", "--json"], () => STATUS)).out), {

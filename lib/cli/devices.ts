@@ -203,7 +203,9 @@ export function snapshotLines(snapshots: SnapshotStatus[]): string[] {
     const st = sn.storage;
     lines.push(
       `snapshot ${sn.id}: ${state}, ${error}`,
-      `  storage: ${st.path} (${st.kind}), used ${formatBytes(st.filledBytes)} of ` +
+      `  storage: ${st.path} (${st.kind}${st.io === "direct" ? ", direct I/O" : ""}), used ${
+        formatBytes(st.filledBytes)
+      } of ` +
         `${formatBytes(st.capacityBytes)}, limit ${formatBytes(st.limitBytes)}`,
     );
     if (sn.devices.length === 0) lines.push("  no devices");

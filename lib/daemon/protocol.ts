@@ -175,6 +175,11 @@ export interface StorageStatus {
   /** The path given to snapshot_create (a directory for "tmpfile"). */
   path: string;
   kind: "file" | "tmpfile" | "blockdev";
+  /**
+   * "direct" (O_DIRECT: a block device whose logical block size divides every
+   * request the snapshot makes of it) or "buffered" (through the page cache).
+   */
+  io: "direct" | "buffered";
   capacityBytes: number;
   filledBytes: number;
   limitBytes: number;

@@ -20,7 +20,7 @@ import { BlksnapError, ERRNO } from "../../ffi/errno.ts";
 import { EventQueue, type SnapshotEvent } from "../engine/event_queue.ts";
 import type { Params } from "../engine/params.ts";
 import { CTL, CTL_F, LANE } from "../pipeline/device_ctl.ts";
-import { SF, STORAGE_KIND_NAMES, StorageCtl, SW } from "../pipeline/storage_ctl.ts";
+import { SF, STORAGE_KIND, STORAGE_KIND_NAMES, StorageCtl, SW } from "../pipeline/storage_ctl.ts";
 import type { StoreWorkerInit, StoreWorkerReport } from "../pipeline/store_worker.ts";
 import type { UblkControl } from "../ublk/control.ts";
 import { UblkDevice } from "../ublk/device.ts";
@@ -30,7 +30,13 @@ import { identifyBlockDevice, openExclusive, ublkParams } from "./block_device.t
 import { encodeOwnerTag } from "./owner_tag.ts";
 import { freezeAll, thawAll } from "./freeze.ts";
 import type { DevicePipe } from "./pipe.ts";
-import { type OpenStorage, openStorage } from "./storage.ts";
+import {
+  directIoRefusal,
+  type OpenStorage,
+  openStorage,
+  setDirectIo,
+  storageBlockSize,
+} from "./storage.ts";
 
 /** What the registry needs of a tracked device. */
 export interface SnapshotDevice {
@@ -85,6 +91,8 @@ interface Snapshot {
   store: Worker | null;
   storeExited: Promise<void> | null;
   storeWakeFd: number;
+  /** The storage is used with O_DIRECT (decided at the take). */
+  directIo: boolean;
   images: Map<string, Image>;
   events: EventQueue;
   reported: Set<string>;
@@ -166,6 +174,7 @@ export class Snapshots {
       store: null,
       storeExited: null,
       storeWakeFd: -1,
+      directIo: false,
       images: new Map(),
       events: new EventQueue(),
       reported: new Set(),
@@ -286,6 +295,7 @@ export class Snapshots {
         storage: {
           path: s.storage.path,
           kind: STORAGE_KIND_NAMES[s.storage.kind],
+          io: s.directIo ? "direct" : "buffered",
           capacityBytes:
             (st ? st.capacitySectors : Math.min(s.storage.sizeBytes / 512, s.limitSectors)) *
             512,
@@ -346,6 +356,38 @@ export class Snapshots {
     }
   }
 
+  /**
+   * A block-device storage is used with O_DIRECT where every request fits its
+   * logical block size: the copies go to the device, not through its page
+   * cache (a copy of every chunk, and writeback that throttles the store
+   * worker), as dm-snapshot's COW bios do. BLKSNAP_STORAGE_DIRECT=0 keeps it
+   * buffered. Set (or cleared: devices may have been added since a take that
+   * failed) before any I/O of the take.
+   */
+  #chooseStorageIo(snap: Snapshot, unitBytes: number): void {
+    const libc = this.#host.libc;
+    let direct = false;
+    if (snap.storage.kind === STORAGE_KIND.BLOCKDEV) {
+      const refusal = Deno.env.get("BLKSNAP_STORAGE_DIRECT") === "0"
+        ? "BLKSNAP_STORAGE_DIRECT=0"
+        : directIoRefusal(
+          storageBlockSize(libc, snap.storage.fd),
+          unitBytes,
+          snap.devices.map((d) => ({
+            path: d.original,
+            logicalBlockSize: d.logicalBlockSize,
+            chunkBytes: d.pipe.chunkBytes,
+          })),
+        );
+      direct = refusal === null;
+      if (refusal !== null) {
+        this.#host.log(`snapshot ${snap.id}: storage ${snap.storage.path} buffered: ${refusal}`);
+      }
+    }
+    if (snap.storage.kind === STORAGE_KIND.BLOCKDEV) setDirectIo(libc, snap.storage.fd, direct);
+    snap.directIo = direct;
+  }
+
   async #take(snap: Snapshot) {
     const host = this.#host;
     const libc = host.libc;
@@ -360,6 +402,7 @@ export class Snapshots {
       growthSectors: host.params.diffStorageMinimumSectors,
       unitShift,
     });
+    this.#chooseStorageIo(snap, 512 << unitShift);
     snap.storeWakeFd = libc.check(libc.sym.eventfd(0, EFD_CLOEXEC), "eventfd");
     snap.storageCtl = st;
     const warnings: string[] = [];

@@ -6,7 +6,7 @@
  * /proc/PID/root.
  */
 import { BlksnapError, ErrnoError } from "../../ffi/errno.ts";
-import { BLK, type Libc, LOCK, O } from "../../ffi/libc.ts";
+import { BLK, F, type Libc, LOCK, O } from "../../ffi/libc.ts";
 import { devTKey } from "../dev_t.ts";
 import { STORAGE_KIND } from "../pipeline/storage_ctl.ts";
 
@@ -115,4 +115,55 @@ export function openStorage(libc: Libc, path: string, pid: number | undefined): 
     "EINVAL",
     `The difference storage "${path}" must be a regular file, a directory or a block device`,
   );
+}
+
+/** What a device of the snapshot asks of the storage's alignment. */
+export interface DirectIoDevice {
+  path: string;
+  logicalBlockSize: number;
+  chunkBytes: number;
+}
+
+/**
+ * Why the snapshot's I/O to a block-device storage cannot be direct, or null
+ * when it can. O_DIRECT needs every request aligned to the storage's logical
+ * block size (`storageBlock`): the store writes whole chunks at extent starts
+ * (multiples of `unitBytes`; a device's last chunk ends at its size, a
+ * multiple of its logical block size), an image request is aligned to its
+ * device's logical block size, and every buffer is page aligned. So the
+ * storage's block must divide the unit, each device's logical block and each
+ * chunk.
+ */
+export function directIoRefusal(
+  storageBlock: number,
+  unitBytes: number,
+  devices: DirectIoDevice[],
+): string | null {
+  if (!(storageBlock >= 512 && (storageBlock & (storageBlock - 1)) === 0)) {
+    return `its logical block size ${storageBlock} is not a power of two of at least 512`;
+  }
+  if (unitBytes % storageBlock !== 0) {
+    return `its logical block size ${storageBlock} is larger than the allocation unit ${unitBytes}`;
+  }
+  for (const d of devices) {
+    if (d.logicalBlockSize % storageBlock !== 0 || d.chunkBytes % storageBlock !== 0) {
+      return `its logical block size ${storageBlock} is larger than ${d.path}'s (${d.logicalBlockSize})`;
+    }
+  }
+  return null;
+}
+
+/**
+ * Sets or clears O_DIRECT on the storage's open file (shared by the store
+ * worker and the image queues: the flag is the file's, read at each request).
+ */
+export function setDirectIo(libc: Libc, fd: number, direct: boolean): void {
+  const flags = libc.check(libc.sym.fcntl(fd, F.GETFL, 0n), "fcntl(F_GETFL)");
+  const next = direct ? flags | O.DIRECT : flags & ~O.DIRECT;
+  if (next !== flags) libc.check(libc.sym.fcntl(fd, F.SETFL, BigInt(next)), "fcntl(F_SETFL)");
+}
+
+/** The logical block size of a block-device storage. */
+export function storageBlockSize(libc: Libc, fd: number): number {
+  return libc.ioctlGetU32(fd, BLK.BLKSSZGET, "ioctl(BLKSSZGET)");
 }

@@ -56,97 +56,113 @@ const RUNS = ["4k", "64k", "16k", "4k"];
 /** fio writes for at least this long, and while the image has been read fewer than 2 times. */
 const WRITE_MS = 20_000;
 
-vmTest(
-  "fio writes at depth 32 while the image is read end to end: the image never changes, the device holds fio's data",
-  async () => {
-    const cli = new EnvCli("concurrency", { BLKSNAP_DAEMON_ARGS: "--diff-storage-minimum=16384" });
-    const lap = stopwatch("concurrency");
-    const loop = await Loop.create(SIZE / MiB);
-    try {
-      await withDaemonLog(cli, async () => {
-        const tracked = await cli.ok("attach", "--device", loop.path);
-        const before = randomBytes(SIZE);
-        await ddWrite(tracked, before, 0);
-        const want = await blockSums(before, COMPARE);
-        await Deno.mkdir("/tmp/concurrency-diff", { recursive: true });
-        const id = await cli.ok(
-          "snapshot_create",
-          "--device",
-          loop.path,
-          "--file",
-          "/tmp/concurrency-diff",
-          "--limit",
-          "64M",
-        );
-        await cli.ok("snapshot_take", "--id", id);
-        const image = await cli.ok("snapshot_info", "--device", loop.path, "--field", "image");
-        lap("attach, fill, create, take");
-
-        const checkImage = async (what: string) => {
-          const got = await blockSums(await ddRead(image, MiB, 0, SIZE / MiB), COMPARE);
-          const bad = differingBlocks(got, want);
-          assertEquals(
-            bad,
-            [],
-            `${what}: the image differs from the take in 64 KiB blocks ${bad.slice(0, 20)}`,
-          );
-        };
-
-        // fio runs back to back (each rewrites the whole device: the last one's data is
-        // what the device must hold), while the image is read end to end, again and again.
-        let writing = true;
-        let passesDuring = 0;
-        const writer = (async () => {
-          const t0 = performance.now();
-          let last: string[] = [];
-          let runs = 0;
-          try {
-            while (runs < 2 || performance.now() - t0 < WRITE_MS || passesDuring < 2) {
-              if (performance.now() - t0 > 10 * WRITE_MS) break;
-              last = fioArgs(tracked, RUNS[runs % RUNS.length]!, 4242 + runs);
-              const r = await run("fio", [...last, "--do_verify=0"]);
-              assertEquals(r.code, 0, `fio ${last.join(" ")}:\n${r.stdout}${r.stderr}`);
-              runs++;
-            }
-          } finally {
-            writing = false;
-          }
-          return { last, runs, ms: performance.now() - t0 };
-        })();
-        while (writing) {
-          await checkImage(`pass ${passesDuring + 1}, while fio writes`);
-          if (writing) passesDuring++;
-          lap(`image pass ${passesDuring} while fio writes`);
-        }
-        const { last, runs, ms } = await writer;
-        lap(`${runs} fio runs in ${(ms / 1000).toFixed(1)} s`);
-        assert(passesDuring >= 2, `the image was read end to end ${passesDuring} times during fio`);
-        await checkImage("after fio");
-
-        const st = await daemonRequest<StatusResult>(cli, "status", {});
-        const snap = st.snapshots!.find((s) => s.id === id)!;
-        assertEquals(snap.errorCode, 0, `not corrupted: ${JSON.stringify(snap)}`);
-
-        // The tracked device holds what fio wrote.
-        const v = await run("fio", [...last, "--verify_only"]);
-        assertEquals(v.code, 0, `fio --verify_only on the tracked device:\n${v.stdout}${v.stderr}`);
-        lap("verify");
-
-        await cli.ok("snapshot_destroy", "--id", id);
-        assertEquals([...Deno.readDirSync("/tmp/concurrency-diff")], []);
-        await cli.ok("detach", "--device", loop.path);
-        // ... and so does the original.
-        const onOriginal = last.map((a) =>
-          a === `--filename=${tracked}` ? `--filename=${loop.path}` : a
-        );
-        const o = await run("fio", [...onOriginal, "--verify_only"]);
-        assertEquals(o.code, 0, `fio --verify_only on the original:\n${o.stdout}${o.stderr}`);
-        await cli.stopDaemon();
-        assertNoUblkDevices();
+for (const storageKind of ["directory", "blockdev"] as const) {
+  vmTest(
+    `fio writes at depth 32 while the image is read end to end (storage: ${storageKind}): the image never changes, the device holds fio's data`,
+    async () => {
+      const cli = new EnvCli(`concurrency-${storageKind}`, {
+        BLKSNAP_DAEMON_ARGS: "--diff-storage-minimum=16384",
       });
-    } finally {
-      await cli.stopDaemon().catch(() => {});
-      await loop.destroy();
-    }
-  },
-);
+      const lap = stopwatch("concurrency");
+      const loop = await Loop.create(SIZE / MiB);
+      // A block device storage takes direct I/O (its blocks are the device's, 512 bytes).
+      const storageLoop = storageKind === "blockdev" ? await Loop.create(64) : undefined;
+      try {
+        await withDaemonLog(cli, async () => {
+          const tracked = await cli.ok("attach", "--device", loop.path);
+          const before = randomBytes(SIZE);
+          await ddWrite(tracked, before, 0);
+          const want = await blockSums(before, COMPARE);
+          await Deno.mkdir("/tmp/concurrency-diff", { recursive: true });
+          const id = await cli.ok(
+            "snapshot_create",
+            "--device",
+            loop.path,
+            "--file",
+            storageKind === "blockdev" ? storageLoop!.path : "/tmp/concurrency-diff",
+            "--limit",
+            "64M",
+          );
+          await cli.ok("snapshot_take", "--id", id);
+          const image = await cli.ok("snapshot_info", "--device", loop.path, "--field", "image");
+          lap("attach, fill, create, take");
+
+          const checkImage = async (what: string) => {
+            const got = await blockSums(await ddRead(image, MiB, 0, SIZE / MiB), COMPARE);
+            const bad = differingBlocks(got, want);
+            assertEquals(
+              bad,
+              [],
+              `${what}: the image differs from the take in 64 KiB blocks ${bad.slice(0, 20)}`,
+            );
+          };
+
+          // fio runs back to back (each rewrites the whole device: the last one's data is
+          // what the device must hold), while the image is read end to end, again and again.
+          let writing = true;
+          let passesDuring = 0;
+          const writer = (async () => {
+            const t0 = performance.now();
+            let last: string[] = [];
+            let runs = 0;
+            try {
+              while (runs < 2 || performance.now() - t0 < WRITE_MS || passesDuring < 2) {
+                if (performance.now() - t0 > 10 * WRITE_MS) break;
+                last = fioArgs(tracked, RUNS[runs % RUNS.length]!, 4242 + runs);
+                const r = await run("fio", [...last, "--do_verify=0"]);
+                assertEquals(r.code, 0, `fio ${last.join(" ")}:\n${r.stdout}${r.stderr}`);
+                runs++;
+              }
+            } finally {
+              writing = false;
+            }
+            return { last, runs, ms: performance.now() - t0 };
+          })();
+          while (writing) {
+            await checkImage(`pass ${passesDuring + 1}, while fio writes`);
+            if (writing) passesDuring++;
+            lap(`image pass ${passesDuring} while fio writes`);
+          }
+          const { last, runs, ms } = await writer;
+          lap(`${runs} fio runs in ${(ms / 1000).toFixed(1)} s`);
+          assert(
+            passesDuring >= 2,
+            `the image was read end to end ${passesDuring} times during fio`,
+          );
+          await checkImage("after fio");
+
+          const st = await daemonRequest<StatusResult>(cli, "status", {});
+          const snap = st.snapshots!.find((s) => s.id === id)!;
+          assertEquals(snap.errorCode, 0, `not corrupted: ${JSON.stringify(snap)}`);
+          assertEquals(snap.storage.io, storageKind === "blockdev" ? "direct" : "buffered");
+
+          // The tracked device holds what fio wrote.
+          const v = await run("fio", [...last, "--verify_only"]);
+          assertEquals(
+            v.code,
+            0,
+            `fio --verify_only on the tracked device:\n${v.stdout}${v.stderr}`,
+          );
+          lap("verify");
+
+          await cli.ok("snapshot_destroy", "--id", id);
+          assertEquals([...Deno.readDirSync("/tmp/concurrency-diff")], []);
+          await cli.ok("detach", "--device", loop.path);
+          // ... and so does the original.
+          const onOriginal = last.map((a) =>
+            a === `--filename=${tracked}` ? `--filename=${loop.path}` : a
+          );
+          const o = await run("fio", [...onOriginal, "--verify_only"]);
+          assertEquals(o.code, 0, `fio --verify_only on the original:\n${o.stdout}${o.stderr}`);
+          await cli.stopDaemon();
+          assertNoUblkDevices();
+        });
+      } finally {
+        await cli.stopDaemon().catch(() => {});
+        await loop.destroy();
+        await storageLoop?.destroy();
+        await storageLoop?.destroy();
+      }
+    },
+  );
+}

@@ -19,6 +19,7 @@ import {
   sha256,
   vmTest,
 } from "./_helpers.ts";
+import type { StatusResult } from "../../lib/daemon/protocol.ts";
 
 interface Take {
   id: string;
@@ -64,6 +65,9 @@ for (const sectorSize of [512, 4096]) {
       const mounts: string[] = [];
       const diffDir = `/tmp/diff-${sectorSize}`;
       await Deno.mkdir(diffDir, { recursive: true });
+      // 4096-byte devices keep their difference storage on a 512-byte block
+      // device, taken with direct I/O; 512-byte ones in a directory.
+      const storageLoop = sectorSize === 4096 ? await Loop.create(256) : undefined;
       try {
         const tracked: string[] = [];
         for (const l of loops) tracked.push(await cli.ok("attach", "--device", l.path));
@@ -83,7 +87,7 @@ for (const sectorSize of [512, 4096]) {
           "--device",
           tracked[1]!,
           "--file",
-          diffDir,
+          storageLoop?.path ?? diffDir,
           "--limit",
           "512M",
         );
@@ -91,6 +95,8 @@ for (const sectorSize of [512, 4096]) {
         assertEquals(await cli.ok("snapshot_collect"), id);
         const take = await cli.json<Take>("snapshot_take", "--id", id);
         assertEquals(take.images.length, 2);
+        const storage = (await cli.json<StatusResult>("status")).snapshots![0]!.storage;
+        assertEquals(storage.io, storageLoop ? "direct" : "buffered", JSON.stringify(storage));
         // the image of each device, as snapshot_info reports it
         const images: string[] = [];
         for (const l of loops) {
@@ -175,6 +181,7 @@ for (const sectorSize of [512, 4096]) {
         for (const m of mounts) await run("umount", [m]);
         await cli.stopDaemon().catch(() => {});
         for (const l of loops) await l.destroy();
+        await storageLoop?.destroy();
       }
     },
   );

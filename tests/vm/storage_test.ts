@@ -68,6 +68,8 @@ vmTest(
     const lap = stopwatch("storage");
     const loop = await Loop.create(64);
     const storageLoop = await Loop.create(16);
+    // Logical blocks larger than the tracked device's: buffered, not direct.
+    const storage4k = await Loop.create(16, 4096);
     const tmpfs = "/mnt/diff-tmpfs";
     let tmpfsMounted = false;
     try {
@@ -89,7 +91,8 @@ vmTest(
         const kinds = [
           { path: "/tmp/diff-file", kind: "file" },
           { path: "/tmp/diff-dir", kind: "tmpfile" },
-          { path: storageLoop.path, kind: "blockdev" },
+          { path: storageLoop.path, kind: "blockdev", io: "direct" },
+          { path: storage4k.path, kind: "blockdev", io: "buffered" },
           { path: `${tmpfs}/snap`, kind: "tmpfile" },
         ];
         for (const [i, k] of kinds.entries()) {
@@ -133,6 +136,7 @@ vmTest(
           lap(`${k.kind}: read the image`);
           snap = (await status(cli)).snapshots!.find((s) => s.id === id)!;
           assertEquals(snap.errorCode, 0, what);
+          assertEquals(snap.storage.io, k.io ?? "buffered", what);
           assert(
             snap.storage.filledBytes >= 4 * MiB,
             `${what}: 4 MiB of old data stored: ${JSON.stringify(snap.storage)}`,
@@ -181,6 +185,7 @@ vmTest(
       if (tmpfsMounted) await run("umount", [tmpfs]);
       await loop.destroy();
       await storageLoop.destroy();
+      await storage4k.destroy();
       await Deno.remove("/tmp/diff-file").catch(() => {});
     }
   },
