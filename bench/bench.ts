@@ -35,7 +35,8 @@
  * BLKSNAP_BENCH_VARIANT (NAME=VALUE,...: a second tracked device in part A
  * whose daemon gets these variables, reported as variant/tracked),
  * BLKSNAP_BENCH_STORAGE (loop, the default: a loop device over a sparse tmpfs
- * file, as dm-snapshot's COW device; tmpfile: an unnamed file in a tmpfs
+ * file, as dm-snapshot's COW device, which the daemon uses with O_DIRECT unless
+ * BLKSNAP_STORAGE_DIRECT=0; tmpfile: an unnamed file in a tmpfs
  * directory, whose buffered reads io_uring hands to io-wq), BLKSNAP_DAEMON_ARGS (passed to the daemon the CLI starts).
  */
 import { partD, type PartDResult, tableD } from "./backup_bench.ts";
@@ -518,7 +519,13 @@ interface SnapshotStatusJson {
     {
       id: string;
       errorCode: number;
-      storage: { filledBytes: number; capacityBytes: number; path: string; kind: string };
+      storage: {
+        filledBytes: number;
+        capacityBytes: number;
+        path: string;
+        kind: string;
+        io?: string;
+      };
     }
   >;
 }
@@ -558,7 +565,7 @@ function oursStack(loop: string, tracked: string, storage: string): SnapStack {
       }
       return `diff storage ${
         (s.storage.filledBytes / 2 ** 20).toFixed(0)
-      } MiB filled (${s.storage.kind}, capacity ${
+      } MiB filled (${s.storage.kind}${s.storage.io ? `, ${s.storage.io} I/O` : ""}, capacity ${
         (s.storage.capacityBytes / 2 ** 20).toFixed(0)
       } MiB)`;
     },
