@@ -7,6 +7,10 @@
  * one reply or drops the connection, keeps serving, and nothing it serves
  * changes: same devices, same CBT map, same data on the tracked device.
  *
+ * A blank line gets no reply (the daemon skips it, as it skips empty lines).
+ * Every wait for the daemon is bounded: one that neither answers nor drops the
+ * connection fails the test with the line, not hangs it.
+ *
  * A mutated line that happens to be a valid request of an operation that
  * changes state (attach, detach, markdirtyblock, snapshots, shutdown) is not
  * sent: the protocol's own parser decides. BLKSNAP_FUZZ_SEED and
@@ -53,7 +57,7 @@ async function cbtState(cli: Cli, device: string): Promise<[Uint8Array, unknown]
   return [map, await cli.json("cbtinfo", "--device", device)];
 }
 
-class Fuzzer {
+export class Fuzzer {
   readonly #r: Rng;
   readonly #device: string;
   readonly #tracked: string;
@@ -198,7 +202,7 @@ class Fuzzer {
 }
 
 /** Whether a line must not be sent: a valid request that changes state. */
-function changesState(line: Uint8Array): boolean {
+export function changesState(line: Uint8Array): boolean {
   try {
     const env = parseRequest(new TextDecoder().decode(line));
     return !HARMLESS.has(env.op);
@@ -218,14 +222,16 @@ class Conn {
   static async open(path: string): Promise<Conn> {
     return new Conn(await Deno.connect({ transport: "unix", path }));
   }
-  async send(bytes: Uint8Array): Promise<void> {
+  /** Writes all of `bytes`; throws when the daemon takes none for `timeoutMs`. */
+  async send(bytes: Uint8Array, timeoutMs = 30_000): Promise<void> {
     let off = 0;
-    while (off < bytes.length) off += await this.#conn.write(bytes.subarray(off));
+    while (off < bytes.length) {
+      off += await this.#bounded(this.#conn.write(bytes.subarray(off)), timeoutMs, "take a line");
+    }
   }
   /** The next reply line, or null when the daemon closed the connection. */
   async reply(timeoutMs = 30_000): Promise<string | null> {
     const chunk = new Uint8Array(65536);
-    const deadline = Date.now() + timeoutMs;
     for (;;) {
       const nl = this.#buf.indexOf("\n");
       if (nl >= 0) {
@@ -233,10 +239,32 @@ class Conn {
         this.#buf = this.#buf.slice(nl + 1);
         return line;
       }
-      if (Date.now() > deadline) throw new Error("no reply within 30 s");
-      const n = await this.#conn.read(chunk).catch(() => null);
+      const n = await this.#bounded(
+        this.#conn.read(chunk).catch(() => null),
+        timeoutMs,
+        "reply",
+      );
       if (n === null) return null;
       this.#buf += this.#dec.decode(chunk.subarray(0, n), { stream: true });
+    }
+  }
+  /**
+   * `op`, or an error after `timeoutMs` (the connection is closed then, so
+   * the read or write under way ends): a daemon that neither answers nor
+   * drops the connection fails the test instead of hanging it.
+   */
+  async #bounded<T>(op: Promise<T>, timeoutMs: number, what: string): Promise<T> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.close();
+        reject(new Error(`the daemon did not ${what} within ${timeoutMs} ms`));
+      }, timeoutMs);
+    });
+    try {
+      return await Promise.race([op, expired]);
+    } finally {
+      clearTimeout(timer);
     }
   }
   close(): void {
@@ -254,6 +282,7 @@ vmTest(
     const cli = new Cli("fuzz");
     const loop = await Loop.create(64);
     let sent = 0;
+    let last: Uint8Array = new Uint8Array(0);
     try {
       await cli.ok("attach", "--device", loop.path);
       const before = await cli.json<Status>("status");
@@ -266,9 +295,18 @@ vmTest(
 
       const f = new Fuzzer(SEED, loop.path, tracked);
       let conn = await Conn.open(cli.socket);
+      // Blank lines get no reply: the next request's reply is the first one.
+      await conn.send(
+        new TextEncoder().encode(
+          ` \n\r\n\u3000\n\t\n${JSON.stringify({ v: 1, id: 7, op: "ping", args: {} })}\n`,
+        ),
+      );
+      const pong = JSON.parse((await conn.reply())!) as { id: number; ok: boolean };
+      assertEquals([pong.id, pong.ok], [7, true], "blank lines skipped, then ping answered");
       let answered = 0;
       let dropped = 0;
       let skipped = 0;
+      let blank = 0;
       while (sent < COUNT) {
         let line = f.line();
         if (changesState(line)) {
@@ -287,7 +325,16 @@ vmTest(
         const nl = new Uint8Array(line.length + 1);
         nl.set(line);
         nl[line.length] = 10;
-        await conn.send(nl).catch(() => {});
+        if (new TextDecoder().decode(line).trim() === "") {
+          // A blank line (spaces, a lone \r, U+3000...) is skipped without a reply.
+          await conn.send(nl);
+          blank++;
+          continue;
+        }
+        last = line;
+        await conn.send(nl).catch((e) => {
+          if (e instanceof Error && e.message.startsWith("the daemon did not")) throw e;
+        });
         const reply = await conn.reply();
         if (reply === null) {
           dropped++;
@@ -303,8 +350,8 @@ vmTest(
       }
       conn.close();
       console.log(
-        `fuzz seed ${SEED}: ${sent} lines sent, ${answered} answered, ${dropped} connections ` +
-          `dropped, ${skipped} state-changing requests not sent`,
+        `fuzz seed ${SEED}: ${sent} lines sent, ${answered} answered, ${blank} blank, ` +
+          `${dropped} connections dropped, ${skipped} state-changing requests not sent`,
       );
       assert(answered > COUNT / 2, "most lines get an answer");
 
@@ -321,7 +368,11 @@ vmTest(
       assertEquals(cbtAfter, cbtBefore);
       assertEquals(await sha256(tracked), sumBefore);
     } catch (err) {
-      console.error(`fuzz failed with BLKSNAP_FUZZ_SEED=${SEED} after ${sent} lines`);
+      console.error(
+        `fuzz failed with BLKSNAP_FUZZ_SEED=${SEED} after ${sent} lines; the last: ${
+          JSON.stringify(new TextDecoder().decode(last.subarray(0, 400)))
+        }`,
+      );
       throw err;
     } finally {
       await cli.run("detach", "--device", loop.path);
