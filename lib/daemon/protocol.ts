@@ -178,6 +178,7 @@ export interface StorageStatus {
   /**
    * "direct" (O_DIRECT: a block device whose logical block size divides every
    * request the snapshot makes of it) or "buffered" (through the page cache).
+   * Decided at the take: "buffered" until then.
    */
   io: "direct" | "buffered";
   capacityBytes: number;
